@@ -1,0 +1,308 @@
+"""PyTorch <-> Flax checkpoint conversion (CLI: `python -m pgpc_jax.convert`).
+
+  # PyTorch -> a Flax weights directory for the config's model
+  python -m pgpc_jax.convert to-flax --src mit_b5.pth --format mit --config configs/gta2cs.py --out weights/mit_b5
+  python -m pgpc_jax.convert to-flax --src latest.pth --format daformer --which ema_model \
+      --config configs/gta2cs.py --out weights/daformer_gta
+  # Flax weights directory -> PyTorch
+  python -m pgpc_jax.convert to-torch --src weights/daformer_gta --format daformer --out daformer_gta.pth
+  python -m pgpc_jax.convert to-torch --src weights/segformer --format hf --out hf_segformer/
+
+Formats (see `torch_names.py`): `mit` (NVlabs mit_b*.pth), `mmseg` (mmseg >= 0.17 MiT keys),
+`hf` (HF SegFormer file or folder: `.safetensors` or `.bin`), `daformer` (DAFormer / HRDA-style
+`state_dict` with `model.` / `ema_model.` / `imnet_model.` prefixes, or bare `backbone.*`,
+`decode_head.*`). Every problem (not a checkpoint, missing / unexpected keys, shape mismatches)
+is reported before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from pgpc_jax import checkpointing
+from pgpc_jax.models import segmentor
+from pgpc_jax.torch_names import (
+    FORMATS,
+    ConversionError,
+    canonical_to_variables,
+    check_against,
+    variables_to_canonical,
+)
+
+State = dict[str, np.ndarray]
+TORCH_HINT = "reading and writing .pth files needs PyTorch: pip install torch==2.13.0"
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is installed wherever tests run
+        raise ConversionError(TORCH_HINT) from e
+    return torch
+
+
+def class_table(name: str) -> tuple[list[str], list[list[int]]]:
+    """Class names and RGB palette of a label space (mmseg `meta.CLASSES` / `meta.PALETTE`)."""
+    from data_pipelines import labels
+
+    return labels.class_table(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _unwrap(obj: Any, src: str) -> Mapping:
+    """The tensor dict inside a loaded checkpoint: `state_dict`, `model` or the object itself."""
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{src} holds a {type(obj).__name__}, not a state dict")
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], Mapping):
+            return obj[key]
+    return obj
+
+
+def _to_numpy(state: Mapping, src: str) -> State:
+    out, bad = {}, []
+    for key, value in state.items():
+        if hasattr(value, "detach"):  # torch.Tensor
+            value = value.detach().cpu()
+            if str(value.dtype) == "torch.bfloat16":
+                value = value.float()
+            out[key] = value.numpy()
+        elif isinstance(value, np.ndarray):
+            out[key] = value
+        else:
+            bad.append(f"{key} ({type(value).__name__})")
+    if bad:
+        raise ConversionError(
+            f"{src} is not a state dict of tensors: {len(bad)} non-tensor entries, e.g. {bad[:5]}"
+        )
+    if not out:
+        raise ConversionError(f"{src} holds no tensors")
+    return out
+
+
+def read_state(src: str, unsafe_pickle: bool = False) -> State:
+    """Read a PyTorch / safetensors checkpoint (file or HF folder) into a numpy state dict."""
+    if os.path.isdir(src):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(src, name)):
+                return read_state(os.path.join(src, name), unsafe_pickle)
+        raise ConversionError(f"{src} is a folder without model.safetensors or pytorch_model.bin")
+    if not os.path.isfile(src):
+        raise ConversionError(f"{src}: no such file")
+    if src.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(src)
+        except Exception as e:
+            raise ConversionError(f"{src} is not a readable safetensors file ({e})") from e
+    torch = _torch()
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=not unsafe_pickle)
+    except Exception as e:
+        hint = (
+            ""
+            if unsafe_pickle or "weights_only" not in str(e)
+            else " It pickles objects beyond tensors; if you trust its source, add --unsafe_pickle."
+        )
+        raise ConversionError(
+            f"{src} is not a PyTorch checkpoint ({type(e).__name__}).{hint}"
+        ) from e
+    return _to_numpy(_unwrap(obj, src), src)
+
+
+def write_torch(path: str, state: State, meta: Mapping | None, legacy: bool) -> None:
+    """torch.save a state dict, wrapped as mmcv does (`state_dict` + `meta`) when meta is given.
+    `legacy` writes the pre-1.6 non-zip serialisation that old PyTorch readers need."""
+    torch = _torch()
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    obj = {"state_dict": tensors, "meta": dict(meta)} if meta is not None else tensors
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+
+
+def hf_config(model_cfg: Mapping, classes: list[str]) -> dict:
+    """HF `SegformerConfig` fields for a MiT + SegFormer-head model."""
+    mit = segmentor.build_segmentor(model_cfg).backbone
+    return {
+        "architectures": ["SegformerForSemanticSegmentation"],
+        "model_type": "segformer",
+        "num_channels": 3,
+        "num_encoder_blocks": 4,
+        "depths": list(mit.depths),
+        "sr_ratios": list(mit.sr_ratios),
+        "hidden_sizes": list(mit.embed_dims),
+        "patch_sizes": [7, 3, 3, 3],
+        "strides": [4, 2, 2, 2],
+        "num_attention_heads": list(mit.num_heads),
+        "mlp_ratios": [mit.mlp_ratio] * 4,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "classifier_dropout_prob": model_cfg["dropout_rate"],
+        "drop_path_rate": model_cfg["drop_path_rate"],
+        "layer_norm_eps": 1e-6,
+        "decoder_hidden_size": model_cfg["head_embed_dim"],
+        "semantic_loss_ignore_index": 255,
+        "reshape_last_stage": True,
+        "num_labels": len(classes),
+        "id2label": {str(i): c for i, c in enumerate(classes)},
+        "label2id": {c: i for i, c in enumerate(classes)},
+    }
+
+
+def write_hf(path: str, state: State, model_cfg: Mapping, classes: list[str]) -> None:
+    """A folder that `SegformerForSemanticSegmentation.from_pretrained(path)` loads."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in state.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config(model_cfg, classes), f, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversions.
+
+
+def to_flax(src: str, fmt: str, model_cfg: Mapping, which: str = "model", unsafe_pickle=False):
+    """Read `src` in format `fmt` as variables of the model `model_cfg`.
+
+    Returns (variables, left_to_init): the Flax variables (numpy) and the canonical keys that the
+    checkpoint did not provide and keep their initialisation (the head, for an encoder-only file).
+    """
+    if fmt not in FORMATS:
+        raise ConversionError(f"--format={fmt!r}: expected one of {sorted(FORMATS)}")
+    state = read_state(src, unsafe_pickle)
+    to_canonical = FORMATS[fmt][0]
+    canonical = to_canonical(state, which) if fmt == "daformer" else to_canonical(state)
+    model = segmentor.build_segmentor(model_cfg)
+    template = segmentor.abstract_variables(model)
+    left = check_against(canonical, template, src)
+    if left:
+        import jax
+
+        init = jax.tree.map(np.asarray, segmentor.init_variables(model, jax.random.key(0)))
+        initial = variables_to_canonical(init)
+        canonical = {**{k: initial[k] for k in left}, **canonical}
+    return canonical_to_variables(canonical, template), left
+
+
+def from_flax(variables: Mapping, fmt: str) -> State:
+    """Flax variables -> a state dict in format `fmt` (numpy)."""
+    if fmt not in FORMATS:
+        raise ConversionError(f"--format={fmt!r}: expected one of {sorted(FORMATS)}")
+    return FORMATS[fmt][1](variables_to_canonical(variables))
+
+
+def load_weights_dir(path: str) -> tuple[dict, dict, dict]:
+    """A Flax weights directory -> (variables, model config dict, meta)."""
+    info = checkpointing.read_model_file(path)
+    model = segmentor.build_segmentor(info["model"])
+    variables = checkpointing.load_variables(path, segmentor.abstract_variables(model))
+    return variables, info["model"], info.get("meta", {})
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI.
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "src",
+    None,
+    "Input checkpoint: a .pth/.bin/.safetensors file, a HF folder, or a Flax weights directory (to-torch).",
+)
+flags.DEFINE_enum("format", None, sorted(FORMATS), "Checkpoint format on the PyTorch side.")
+flags.DEFINE_enum(
+    "which",
+    "model",
+    ["model", "ema_model", "imnet_model"],
+    "DAFormer sub-model to read: the student (as DAFormer evaluates), the EMA teacher, or the ImageNet copy.",
+)
+flags.DEFINE_string(
+    "out",
+    None,
+    "Output: a Flax weights directory (to-flax), a .pth file or an HF folder (to-torch).",
+)
+flags.DEFINE_bool(
+    "legacy_serialization",
+    False,
+    "to-torch: write the pre-1.6 non-zip format for old PyTorch readers (DAFormer's torch 1.7 environment).",
+)
+flags.DEFINE_bool(
+    "unsafe_pickle",
+    False,
+    "to-flax: allow checkpoints that pickle objects beyond tensors (only for files you trust).",
+)
+config_flags.DEFINE_config_file(
+    "config", None, "Config whose `model` group describes the model (to-flax).", lock_config=True
+)
+
+COMMANDS = ("to-flax", "to-torch")
+
+
+def _run(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"expected one command, {' or '.join(COMMANDS)}; got {argv[1:]}")
+    if not FLAGS.src or not FLAGS.format or not FLAGS.out:
+        raise app.UsageError("--src, --format and --out are required")
+    if argv[1] == "to-flax":
+        if FLAGS.config is None:
+            raise app.UsageError("to-flax needs --config (its `model` group gives the model shape)")
+        model_cfg = FLAGS.config.model.to_dict()
+        variables, left = to_flax(
+            FLAGS.src, FLAGS.format, model_cfg, FLAGS.which, FLAGS.unsafe_pickle
+        )
+        meta = {
+            "source": os.path.abspath(FLAGS.src),
+            "format": FLAGS.format,
+            "which": FLAGS.which,
+            "classes": FLAGS.config.classes,
+        }
+        checkpointing.save_variables(FLAGS.out, variables, model_cfg, meta)
+        print(
+            f"wrote {FLAGS.out} ({len(variables_to_canonical(variables))} tensors from {FLAGS.src})"
+        )
+        if left:
+            print(
+                f"the checkpoint has no decode head: {len(left)} head tensors keep their "
+                "initialisation (an encoder-only checkpoint, e.g. ImageNet MiT)"
+            )
+        return
+    variables, model_cfg, meta = load_weights_dir(FLAGS.src)
+    state = from_flax(variables, FLAGS.format)
+    classes, palette = class_table(meta.get("classes", "cityscapes"))
+    if FLAGS.format == "hf":
+        write_hf(FLAGS.out, state, model_cfg, classes)
+    else:
+        wrap = (
+            {"CLASSES": tuple(classes), "PALETTE": palette} if FLAGS.format == "daformer" else None
+        )
+        write_torch(FLAGS.out, state, wrap, FLAGS.legacy_serialization)
+    print(f"wrote {FLAGS.out} ({len(state)} tensors, format {FLAGS.format})")
+
+
+def main(argv: list[str]) -> None:
+    try:
+        _run(argv)
+    except (ConversionError, checkpointing.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,186 @@
+"""Building blocks shared by the encoder and the heads, with PyTorch / mmcv numerics.
+
+Everything here is NHWC. Each layer mirrors one reference behaviour exactly, because checkpoints
+trained in PyTorch must compute the same function here:
+
+* `resize_bilinear`: `torch.nn.functional.interpolate(mode='bilinear')` for both values of
+  `align_corners`, up- and down-sampling, with no antialiasing (unlike `jax.image.resize`).
+* `resize_nearest_legacy`: PyTorch's legacy `mode='nearest'` rule, src = floor(dst * in / out).
+* `BatchNorm`: torch `BatchNorm2d` (biased variance to normalise, unbiased variance in the
+  running estimate, `num_batches_tracked` kept so checkpoints round-trip bit for bit).
+* `ConvModule`: mmcv's conv (no bias) + BN + ReLU, the unit of the DAFormer and SegFormer heads.
+* `DropPath`: timm's per-sample stochastic depth.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# mmcv ConvModule: kaiming normal, fan_out, ReLU gain, bias 0 (ConvModule.init_weights).
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch nn.Linear / nn.Conv2d default: kaiming uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in)).
+torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+@functools.lru_cache(maxsize=256)
+def _interp_matrix(out_size: int, in_size: int, align_corners: bool) -> np.ndarray:
+    """Row-stochastic [out_size, in_size] matrix of 1-D linear interpolation weights.
+
+    Follows ATen's `upsample_bilinear2d` source-index rule: with align_corners the corners map
+    onto each other; without, src = (dst + 0.5) * in / out - 0.5, clamped below at 0.
+    """
+    # ATen does this arithmetic in float32 (`area_pixel_compute_source_index`); so do we, so that
+    # the weights are bit-identical to torch's.
+    f32 = np.float32
+    dst = np.arange(out_size, dtype=f32)
+    if align_corners:
+        scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0.0)
+        src = dst * scale
+    else:
+        # `dst + 0.5` is a double in ATen, so this product is evaluated in float64, then rounded.
+        scale = f32(in_size) / f32(out_size)
+        src = np.maximum(f32(np.float64(scale) * (dst.astype(np.float64) + 0.5) - 0.5), f32(0.0))
+    lo = np.minimum(src.astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = (src - lo.astype(f32)).astype(f32)
+    m = np.zeros((out_size, in_size), np.float32)
+    np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(out_size), hi), frac)
+    return m
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
+    """Bilinear resize of `x` [B, H, W, C] to `size` (h, w), as torch `interpolate` computes it.
+
+    Implemented as two small matrix products, which is exact, differentiable and maps onto
+    matrix units on accelerators. Returns `x` unchanged when the size already matches.
+    """
+    out_h, out_w = int(size[0]), int(size[1])
+    in_h, in_w = x.shape[1], x.shape[2]
+    if (out_h, out_w) == (in_h, in_w):
+        return x
+    mh = jnp.asarray(_interp_matrix(out_h, in_h, align_corners), dtype=x.dtype)
+    mw = jnp.asarray(_interp_matrix(out_w, in_w, align_corners), dtype=x.dtype)
+    precision = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=precision)
+    return jnp.einsum("pw,bowc->bopc", mw, x, precision=precision)
+
+
+def _nearest_index(out_size: int, in_size: int) -> np.ndarray:
+    # ATen: scale = float(in) / out in float32, src = min(floorf(dst * scale), in - 1).
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1).astype(np.int32)
+
+
+def resize_nearest_legacy(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """PyTorch's legacy `interpolate(mode='nearest')` on [B, H, W, ...]: src = floor(dst * in / out).
+
+    This is the rule the released PGPC / CLUDA code uses to bring labels to the 65x65 grid; it
+    differs from the half-pixel rule of `jax.image.resize(method='nearest')`.
+    """
+    out_h, out_w = int(size[0]), int(size[1])
+    in_h, in_w = x.shape[1], x.shape[2]
+    return x[:, _nearest_index(out_h, in_h)][:, :, _nearest_index(out_w, in_w)]
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d over the last axis of an NHWC tensor.
+
+    In training the statistics are those of the whole (global) batch: under `jax.jit` with a
+    batch-sharded input, XLA reduces across devices, so this is cross-replica BN for free.
+    The running variance is updated with the unbiased batch variance, as torch does.
+
+    Attributes:
+      momentum: torch convention (weight of the new batch statistic), 0.1 as in mmcv.
+      epsilon: 1e-5 as torch's default.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        count = self.variable(
+            "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
+        )
+        if train:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            if not self.is_initializing():
+                n = int(np.prod([x.shape[a] for a in axes]))
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+                count.value = count.value + 1
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        y = (x.astype(jnp.float32) - mean) * inv + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class ConvModule(nn.Module):
+    """mmcv ConvModule: Conv2d (no bias, since a norm follows) -> BatchNorm -> ReLU.
+
+    Submodule names `conv` and `bn` are those of the PyTorch state dict. Padding is explicit and
+    symmetric (`dilation * (kernel // 2)`), never 'SAME', so odd sizes sample the same grid.
+    """
+
+    features: int
+    kernel_size: int = 1
+    dilation: int = 1
+    groups: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        pad = self.dilation * (self.kernel_size // 2)
+        x = nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            padding=((pad, pad), (pad, pad)),
+            kernel_dilation=self.dilation,
+            feature_group_count=self.groups,
+            use_bias=False,
+            kernel_init=kaiming_fan_out,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+        x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
+        return nn.relu(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm `DropPath`): zero a sample's residual branch with
+    probability `rate` and rescale the kept ones by 1 / (1 - rate)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))

@@ -1,0 +1,146 @@
+"""The segmentor: MiT encoder + decode head, and whole-image inference.
+
+`Segmentor(images, train) -> (logits [B, H/4, W/4, K], features)`: training needs both the
+stride-4 logits (upsampled in the loss, as mmseg does) and the encoder features (ImageNet
+feature distance, pixel contrast). The variable tree is
+`{'params': {'backbone', 'decode_head'}, 'batch_stats': {'decode_head'}}`.
+
+A model is described by the `model` group of a config (see `configs/base.py`); `build_segmentor`
+is the one place that turns it into a module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pgpc_jax.models.heads import DAFormerHead, SegFormerHead
+from pgpc_jax.models.layers import resize_bilinear
+from pgpc_jax.models.mit import MIT_VARIANTS, MiTConfig, MixVisionTransformer
+
+Dtype = Any
+HEADS = ("daformer", "segformer")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Segmentor(nn.Module):
+    """Encoder-decoder segmentation model (mmseg `EncoderDecoder`).
+
+    Attributes:
+      backbone: shape of the MiT encoder.
+      head: 'daformer' or 'segformer'.
+      num_classes: number of output classes.
+      head_embed_dim: per-level embedding width of the head (256 in DAFormer; SegFormer uses 256
+        for b0/b1 and 768 for b2..b5).
+      head_channels: width of the DAFormer fusion (ASPP / bottleneck).
+      dropout_rate: channel dropout before the classifier.
+    """
+
+    backbone: MiTConfig = MiTConfig()
+    head: str = "daformer"
+    num_classes: int = 19
+    head_embed_dim: int = 256
+    head_channels: int = 256
+    dropout_rate: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = MixVisionTransformer(self.backbone, name="backbone", **kw)
+        if self.head == "daformer":
+            self.decoder = DAFormerHead(
+                self.num_classes,
+                embed_dim=self.head_embed_dim,
+                channels=self.head_channels,
+                dropout_rate=self.dropout_rate,
+                name="decode_head",
+                **kw,
+            )
+        elif self.head == "segformer":
+            self.decoder = SegFormerHead(
+                self.num_classes,
+                embed_dim=self.head_embed_dim,
+                dropout_rate=self.dropout_rate,
+                name="decode_head",
+                **kw,
+            )
+        else:
+            raise ValueError(f"model.head={self.head!r}: expected one of {HEADS}")
+
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
+        """images [B, H, W, 3] normalised -> (logits [B, H/4, W/4, K] float32, 4 features)."""
+        features = self.encoder(images, train)
+        logits = self.decoder(features, train)
+        return logits.astype(jnp.float32), features
+
+    def encode(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
+        """Encoder features only (the frozen ImageNet model of the feature distance)."""
+        return self.encoder(images, train)
+
+
+def build_segmentor(model_cfg: Mapping[str, Any]) -> Segmentor:
+    """Build a `Segmentor` from the `model` config group.
+
+    Fields: backbone ('b0'..'b5', 'tiny'), head, num_classes, head_embed_dim, head_channels,
+    dropout_rate, drop_path_rate, layer_norm ('mmseg' or 'hf' eps convention), dtype.
+    """
+    name = model_cfg["backbone"]
+    if name not in MIT_VARIANTS:
+        raise ValueError(f"model.backbone={name!r}: expected one of {sorted(MIT_VARIANTS)}")
+    mit = dataclasses.replace(MIT_VARIANTS[name], drop_path_rate=model_cfg["drop_path_rate"])
+    if model_cfg["layer_norm"] == "hf":  # HF transformers: every LayerNorm at torch's 1e-5
+        mit = dataclasses.replace(mit, block_eps=1e-5)
+    elif model_cfg["layer_norm"] != "mmseg":
+        raise ValueError(f"model.layer_norm={model_cfg['layer_norm']!r}: expected 'mmseg' or 'hf'")
+    if model_cfg["dtype"] not in DTYPES:
+        raise ValueError(f"model.dtype={model_cfg['dtype']!r}: expected one of {sorted(DTYPES)}")
+    return Segmentor(
+        backbone=mit,
+        head=model_cfg["head"],
+        num_classes=model_cfg["num_classes"],
+        head_embed_dim=model_cfg["head_embed_dim"],
+        head_channels=model_cfg["head_channels"],
+        dropout_rate=model_cfg["dropout_rate"],
+        dtype=DTYPES[model_cfg["dtype"]],
+    )
+
+
+def init_variables(model: Segmentor, rng: jax.Array, image_size=(64, 64)) -> dict:
+    """Initialise the variables (params and batch_stats) with a dummy batch, jitted.
+
+    The initialisers draw from an RBG key derived from `rng` (deterministic in `rng`): XLA
+    compiles one threefry computation per parameter, which takes minutes for MiT-B5 on a CPU,
+    while RBG compiles in seconds.
+    """
+    dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
+
+    def init(rng):
+        key = jax.random.key(jax.random.bits(rng, dtype=jnp.uint32), impl="rbg")
+        return model.init({"params": key, "dropout": key}, dummy, train=False)
+
+    return dict(jax.jit(init)(rng))
+
+
+def abstract_variables(model: Segmentor, image_size=(64, 64)) -> dict:
+    """Shapes and dtypes of the variables, computed without allocating them."""
+    return jax.eval_shape(lambda k: init_variables(model, k, image_size), jax.random.key(0))
+
+
+def count_params(tree) -> int:
+    """Number of scalars in a (possibly abstract) parameter tree."""
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def predict_logits(model: Segmentor, variables: Mapping, images: jax.Array) -> jax.Array:
+    """Whole-image inference: logits [B, H, W, K] at the input size.
+
+    As mmseg's `encode_decode`: the stride-4 logits are upsampled bilinearly
+    (align_corners=False) to the input size. Evaluation mode: running BN statistics, no dropout.
+    """
+    logits, _ = model.apply(variables, images, train=False)
+    return resize_bilinear(logits, images.shape[1:3], align_corners=False)
