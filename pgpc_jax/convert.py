@@ -27,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from pgpc_jax import checkpointing
+from pgpc_jax.cli import parse_flags
 from pgpc_jax.models import segmentor
 from pgpc_jax.torch_names import (
     FORMATS,
@@ -52,7 +53,9 @@ def class_table(name: str) -> tuple[list[str], list[list[int]]]:
     """Class names and RGB palette of a label space (mmseg `meta.CLASSES` / `meta.PALETTE`)."""
     from data_pipelines import labels
 
-    return labels.class_table(name)
+    if name != "cityscapes":
+        raise ConversionError(f"classes={name!r}: only the 'cityscapes' label space is known")
+    return list(labels.CLASSES), [list(c) for c in labels.PALETTE]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def write_torch(path: str, state: State, meta: Mapping | None, legacy: bool) -> 
     """torch.save a state dict, wrapped as mmcv does (`state_dict` + `meta`) when meta is given.
     `legacy` writes the pre-1.6 non-zip serialisation that old PyTorch readers need."""
     torch = _torch()
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    tensors = {k: torch.from_numpy(np.asarray(v, order="C")) for k, v in state.items()}
     obj = {"state_dict": tensors, "meta": dict(meta)} if meta is not None else tensors
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
@@ -167,7 +170,7 @@ def write_hf(path: str, state: State, model_cfg: Mapping, classes: list[str]) ->
 
     os.makedirs(path, exist_ok=True)
     save_file(
-        {k: np.ascontiguousarray(v) for k, v in state.items()},
+        {k: np.asarray(v, order="C") for k, v in state.items()},
         os.path.join(path, "model.safetensors"),
         metadata={"format": "pt"},
     )
@@ -221,36 +224,44 @@ def load_weights_dir(path: str) -> tuple[dict, dict, dict]:
 # CLI.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "src",
-    None,
-    "Input checkpoint: a .pth/.bin/.safetensors file, a HF folder, or a Flax weights directory (to-torch).",
-)
-flags.DEFINE_enum("format", None, sorted(FORMATS), "Checkpoint format on the PyTorch side.")
-flags.DEFINE_enum(
-    "which",
-    "model",
-    ["model", "ema_model", "imnet_model"],
-    "DAFormer sub-model to read: the student (as DAFormer evaluates), the EMA teacher, or the ImageNet copy.",
-)
-flags.DEFINE_string(
-    "out",
-    None,
-    "Output: a Flax weights directory (to-flax), a .pth file or an HF folder (to-torch).",
-)
-flags.DEFINE_bool(
-    "legacy_serialization",
-    False,
-    "to-torch: write the pre-1.6 non-zip format for old PyTorch readers (DAFormer's torch 1.7 environment).",
-)
-flags.DEFINE_bool(
-    "unsafe_pickle",
-    False,
-    "to-flax: allow checkpoints that pickle objects beyond tensors (only for files you trust).",
-)
-config_flags.DEFINE_config_file(
-    "config", None, "Config whose `model` group describes the model (to-flax).", lock_config=True
-)
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a program, so importing stays side-effect free."""
+    flags.DEFINE_string(
+        "src",
+        None,
+        "Input checkpoint: a .pth/.bin/.safetensors file, a HF folder, or a Flax weights directory (to-torch).",
+    )
+    flags.DEFINE_enum("format", None, sorted(FORMATS), "Checkpoint format on the PyTorch side.")
+    flags.DEFINE_enum(
+        "which",
+        "model",
+        ["model", "ema_model", "imnet_model"],
+        "DAFormer sub-model to read: the student (as DAFormer evaluates), the EMA teacher, or the ImageNet copy.",
+    )
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Output: a Flax weights directory (to-flax), a .pth file or an HF folder (to-torch).",
+    )
+    flags.DEFINE_bool(
+        "legacy_serialization",
+        False,
+        "to-torch: write the pre-1.6 non-zip format for old PyTorch readers (DAFormer's torch 1.7 environment).",
+    )
+    flags.DEFINE_bool(
+        "unsafe_pickle",
+        False,
+        "to-flax: allow checkpoints that pickle objects beyond tensors (only for files you trust).",
+    )
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config whose `model` group describes the model (to-flax).",
+        lock_config=True,
+    )
+
 
 COMMANDS = ("to-flax", "to-torch")
 
@@ -305,4 +316,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,56 @@
+"""Flag parsing shared by the command-line entry points.
+
+`app.run(main, flags_parser=parse_flags)` turns a mistyped `--config.x.y=...` override (which
+ml_collections reports as a bare AttributeError deep in its parser) into one line naming the key
+and listing the valid keys at that level, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+
+def _config_file(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _bad_override(argv: list[str]) -> str | None:
+    """Describe the first `--config.` override whose key path does not exist."""
+    path = _config_file(argv)
+    if path is None:
+        return None
+    from ml_collections import config_flags
+
+    try:
+        config = config_flags.config_flags._LoadConfigModule("config", path).get_config()
+    except Exception:  # the file itself is broken: let the original error speak
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        keys = arg[len("--config.") :].split("=", 1)[0].split(".")
+        node = config
+        for depth, key in enumerate(keys):
+            if not hasattr(node, "keys") or key not in node:
+                where = ".".join(["config", *keys[:depth]])
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(not a group)"
+                return f"--config.{'.'.join(keys)}: {where} has no key {key!r}. Valid keys: {valid}"
+            node = node[key]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with readable errors for bad flags and config overrides."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        message = _bad_override(argv) or f"{type(e).__name__}: {e}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

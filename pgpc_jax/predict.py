@@ -1,0 +1,216 @@
+"""Segment images with a trained model (CLI: `python -m pgpc_jax.predict`).
+
+  python -m pgpc_jax.predict --config configs/gta2cs.py --weights daformer_gta.pth \
+      --weights-format daformer --resize 1024,512 --out predictions/ frankfurt_000000_000294.png
+
+For each IMAGE it writes to --out:
+  <stem>_trainids.png   uint8 train ids (0..K-1), as Cityscapes `*_labelTrainIds.png`
+  <stem>_color.png      the prediction in the Cityscapes palette
+  <stem>_logits.npy     with --save-logits: float32 logits [H, W, K] at the image's size
+
+Inference is DAFormer's (mmseg `whole` mode): RGB normalised by the ImageNet mean / std, the
+image optionally resized to --resize W,H, one forward pass, stride-4 logits upsampled bilinearly
+(align_corners False) to the network input size and then to the image size.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
+
+from pgpc_jax import checkpointing, convert
+from pgpc_jax.cli import parse_flags
+from pgpc_jax.models import segmentor
+from pgpc_jax.models.layers import resize_bilinear
+from pgpc_jax.torch_names import FORMATS, ConversionError
+
+# DAFormer / mmseg `img_norm_cfg` (RGB order after to_rgb=True).
+MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+STD = np.array([58.395, 57.12, 57.375], np.float32)
+WEIGHT_FORMATS = ("flax", *sorted(FORMATS))
+
+
+class PredictError(ValueError):
+    """Bad input to prediction: an unreadable image, a bad --resize, weights that do not fit."""
+
+
+def load_image(path: str) -> np.ndarray:
+    """Read an image file as RGB uint8 [H, W, 3], with an error naming the file if it is broken."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError as e:
+        raise PredictError(f"{path}: no such image") from e
+    except Exception as e:
+        raise PredictError(f"{path} is not a readable image ({type(e).__name__}: {e})") from e
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 RGB [..., 3] -> float32 normalised as DAFormer."""
+    return (image.astype(np.float32) - MEAN) / STD
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'W,H' -> (W, H)."""
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.split(","))
+    except ValueError as e:
+        raise PredictError(f"--resize={text!r}: expected W,H in pixels, e.g. 1024,512") from e
+    if w <= 0 or h <= 0:
+        raise PredictError(f"--resize={text!r}: sizes must be positive")
+    return w, h
+
+
+def load_model(model_cfg: Mapping, weights: str, fmt: str, which: str = "model"):
+    """Build the config's model and load `weights` in format `fmt` into it.
+
+    Returns (model, variables). A Flax weights directory must describe the same model as the
+    config; a PyTorch checkpoint is converted on the fly.
+    """
+    model_cfg = dict(model_cfg)
+    model = segmentor.build_segmentor(model_cfg)
+    if fmt == "flax":
+        stored = checkpointing.read_model_file(weights)["model"]
+        shape_keys = ("backbone", "head", "num_classes", "head_embed_dim", "head_channels")
+        diff = {
+            k: (stored.get(k), model_cfg[k]) for k in shape_keys if stored.get(k) != model_cfg[k]
+        }
+        if diff:
+            raise PredictError(
+                f"{weights} holds a different model than the config: "
+                + ", ".join(
+                    f"model.{k}: weights {a!r} vs config {b!r}" for k, (a, b) in diff.items()
+                )
+            )
+        variables = checkpointing.load_variables(weights, segmentor.abstract_variables(model))
+        return model, variables
+    if fmt not in FORMATS:
+        raise PredictError(f"--weights-format={fmt!r}: expected one of {WEIGHT_FORMATS}")
+    variables, left = convert.to_flax(weights, fmt, model_cfg, which)
+    if left:
+        print(
+            f"warning: {weights} has no decode head; predictions come from an untrained head",
+            file=sys.stderr,
+        )
+    return model, variables
+
+
+def make_predictor(model: segmentor.Segmentor, resize: tuple[int, int] | None = None):
+    """jit-compiled (variables, normalised image [H, W, 3]) -> logits [H, W, K] at the image size.
+
+    With `resize` (W, H) the image is first resized bilinearly without antialiasing, as mmcv's
+    cv2 `imresize` does (done in float, so without cv2's uint8 rounding).
+    """
+
+    @jax.jit
+    def predict(variables, image):
+        size = image.shape[:2]
+        x = image[None]
+        if resize is not None:
+            x = resize_bilinear(x, (resize[1], resize[0]))
+        logits = segmentor.predict_logits(model, variables, x)  # at the network input size
+        return resize_bilinear(logits, size)[0]  # mmseg `rescale=True`
+
+    return lambda variables, image: np.asarray(predict(variables, jnp.asarray(image)), np.float32)
+
+
+def predict_files(
+    model: segmentor.Segmentor,
+    variables: Mapping,
+    images: Sequence[str],
+    out_dir: str,
+    resize: tuple[int, int] | None = None,
+    save_logits: bool = False,
+    palette: Sequence[Sequence[int]] | None = None,
+) -> list[str]:
+    """Segment each image file and write its outputs; returns the written paths."""
+    if palette is None:
+        palette = convert.class_table("cityscapes")[1]
+    for path in images:  # fail before any work on an image that cannot be read
+        load_image(path)
+    os.makedirs(out_dir, exist_ok=True)
+    predict = make_predictor(model, resize)
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(palette)] = np.asarray(palette, np.uint8)
+    written, start = [], time.time()
+    for i, path in enumerate(images, 1):
+        image = load_image(path)
+        logits = predict(variables, normalize(image))
+        train_ids = np.argmax(logits, axis=-1).astype(np.uint8)
+        stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+        Image.fromarray(train_ids).save(f"{stem}_trainids.png")
+        Image.fromarray(lut[train_ids]).save(f"{stem}_color.png")
+        written += [f"{stem}_trainids.png", f"{stem}_color.png"]
+        if save_logits:
+            np.save(f"{stem}_logits.npy", logits)
+            written.append(f"{stem}_logits.npy")
+        rate = i / (time.time() - start)
+        eta = (len(images) - i) / rate
+        print(f"[{i}/{len(images)}] {path} -> {stem}_*.png  ({rate:.2f} img/s, ETA {eta:.0f} s)")
+    return written
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a program, so importing stays side-effect free."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config whose `model` group describes the model.", lock_config=True
+    )
+    flags.DEFINE_string(
+        "weights", None, "Weights: a Flax weights directory or a PyTorch / HF checkpoint."
+    )
+    flags.DEFINE_enum("weights-format", "flax", list(WEIGHT_FORMATS), "Format of --weights.")
+    flags.DEFINE_enum(
+        "which",
+        "model",
+        ["model", "ema_model", "imnet_model"],
+        "DAFormer sub-model (daformer format).",
+    )
+    flags.DEFINE_string(
+        "resize",
+        None,
+        "Resize images to W,H before inference (DAFormer's test scale for Cityscapes: 1024,512).",
+    )
+    flags.DEFINE_bool(
+        "save-logits", False, "Also write float32 logits [H, W, K] at the image size as .npy."
+    )
+    flags.DEFINE_string("out", None, "Output directory.")
+
+
+def main(argv: list[str]) -> None:
+    images = argv[1:]
+    if FLAGS.config is None or not FLAGS.weights or not FLAGS.out or not images:
+        raise app.UsageError("usage: predict --config CONFIG --weights PATH --out DIR IMAGE...")
+    try:
+        model, variables = load_model(
+            FLAGS.config.model, FLAGS.weights, FLAGS["weights-format"].value, FLAGS.which
+        )
+        predict_files(
+            model,
+            variables,
+            images,
+            FLAGS.out,
+            parse_size(FLAGS.resize),
+            FLAGS["save-logits"].value,
+        )
+    except (PredictError, ConversionError, checkpointing.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)
