@@ -88,7 +88,9 @@ class SegmentationSource(Sequence):
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict:
-        record = self._records[index]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self!r}")  # ends iteration
+        record = self._records[index % len(self)]
         example = {
             "image": _decode(record["image"]),
             "class_pixels": np.asarray(record["class_pixels"], np.int64),
