@@ -1,7 +1,7 @@
 """Build CLI: converts a dataset from its original layout into TFDS ArrayRecord files.
 
   python -m data_pipelines.build --dataset gta5 --manual_dir ~/data/gta --data_dir ~/tfds \
-      --resize daformer
+      --resize daformer --num_workers 8
   python -m data_pipelines.build --dataset synthetic_shift --data_dir ~/tfds
 
 `--resize` is `daformer` (each dataset's DAFormer training scale), `full` (native size) or `WxH`
@@ -73,7 +73,11 @@ def make_builder(args: argparse.Namespace):
     else:
         config = resize_config(parse_size(resize))
     return builder_cls(
-        config=config, manual_dir=args.manual_dir, skip_corrupt=args.skip_corrupt, **common
+        config=config,
+        manual_dir=args.manual_dir,
+        skip_corrupt=args.skip_corrupt,
+        num_workers=args.num_workers,
+        **common,
     )
 
 
@@ -138,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_dir", required=True, help="where TFDS writes the build")
     parser.add_argument("--resize", default="full", help="'full', 'daformer' or WxH")
     parser.add_argument("--skip_corrupt", action="store_true", help="skip and count bad files")
+    parser.add_argument(
+        "--num_workers", type=int, default=0, help="processes decoding / encoding (0: none)"
+    )
     parser.add_argument("--name", default="default", help="folder: name of this dataset")
     parser.add_argument("--config", help="synthetic_shift: 'default' or 'tiny'")
     parser.add_argument("--size", help="synthetic_shift: WxH of the images (default 512x256)")

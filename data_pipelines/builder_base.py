@@ -18,6 +18,7 @@ sorted order, and `metadata.json` holds the per-split class pixel table and the 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import sys
 import time
@@ -80,17 +81,18 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def progress(items: list, label: str, stream=None, min_interval_s: float = 0.5) -> Iterator:
-    """Yields `items`, printing `label done/total rate img/s ETA` to stderr, at most every 0.5 s."""
+def progress(items: Iterable, label: str, total: int | None = None, stream=None) -> Iterator:
+    """Yields `items`, printing `label [bar] done/total rate img/s ETA` to stderr (every 0.5 s)."""
     stream = stream or sys.stderr
-    total, start, last = len(items), time.time(), 0.0
+    total = len(items) if total is None else total
+    start, last = time.time(), 0.0
     for i, item in enumerate(items):
         yield item
         now = time.time()
-        if now - last >= min_interval_s or i + 1 == total:
+        if now - last >= 0.5 or i + 1 == total:
             last = now
             rate = (i + 1) / max(now - start, 1e-9)
-            eta = (total - i - 1) / rate
+            eta = max(total - i - 1, 0) / rate
             bar = "#" * int(30 * (i + 1) / max(total, 1))
             stream.write(
                 f"\r{label} [{bar:<30}] {i + 1}/{total} {rate:.1f} img/s ETA {_format_seconds(eta)}"
@@ -98,6 +100,79 @@ def progress(items: list, label: str, stream=None, min_interval_s: float = 0.5) 
             stream.flush()
     if total:
         stream.write("\n")
+
+
+def encode_example(
+    image: np.ndarray,
+    label: np.ndarray,
+    num_classes: int,
+    scale: tuple[int, int] | None,
+    resize_label: bool,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Counts class pixels at full resolution, resizes and PNG-encodes one example.
+
+    Args:
+      image: uint8 [H, W, 3].
+      label: uint8 [H, W] train ids at full resolution.
+      num_classes: length of the class pixel vector.
+      scale: keep-ratio resize bound (w, h), or None.
+      resize_label: False keeps the label at full resolution (validation splits).
+
+    Returns:
+      ({'image': PNG bytes, 'label': PNG bytes, 'class_pixels': int64 [C]}, class pixels).
+    """
+    pixels = count_class_pixels(label, num_classes)
+    image, resized = transforms.rescale(image, label if resize_label else None, scale)
+    label = resized if resize_label else label
+    encoded = {
+        "image": image_io.encode_png(image),
+        "label": image_io.encode_png(label),
+        "class_pixels": pixels,
+    }
+    return encoded, pixels
+
+
+class ItemReader:
+    """Reads, checks, maps and encodes one `Item`: picklable, so build workers can run it.
+
+    Returns a dict with `error` = None or (kind, message), kind in corrupt / mismatch /
+    missing_label, and otherwise `example` (the encoded features), `pixels` and `unknown`.
+    """
+
+    def __init__(self, read_label, id_to_train_id, known_ids, num_classes, scale, resize_label):
+        self.read_label, self.id_to_train_id, self.known_ids = read_label, id_to_train_id, known_ids
+        self.num_classes, self.scale, self.resize_label = num_classes, scale, resize_label
+
+    def __call__(self, item: Item) -> dict[str, Any]:
+        if item.label is not None and not os.path.isfile(item.label):
+            return {
+                "error": (
+                    "missing_label",
+                    f"no label for image {item.image}: expected {item.label}",
+                )
+            }
+        try:
+            image = image_io.read_rgb(item.image)
+            raw = None if item.label is None else self.read_label(item.label)
+        except image_io.CorruptImageError as e:
+            return {"error": ("corrupt", str(e))}
+        if raw is not None and raw.shape[:2] != image.shape[:2]:
+            message = (
+                f"image / label size mismatch: {item.image} is {image.shape[1]}x"
+                f"{image.shape[0]} but {item.label} is {raw.shape[1]}x{raw.shape[0]}"
+            )
+            return {"error": ("mismatch", message)}
+        if raw is None:
+            label, unknown = np.full(image.shape[:2], IGNORE_INDEX, np.uint8), {}
+        else:
+            label, unknown = map_label_ids(raw, self.id_to_train_id, self.known_ids)
+        example, pixels = encode_example(
+            image, label, self.num_classes, self.scale, self.resize_label
+        )
+        return {"error": None, "example": example, "pixels": pixels, "unknown": unknown}
+
+
+_ERRORS = {"corrupt": image_io.CorruptImageError, "mismatch": SizeMismatchError}
 
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -114,9 +189,20 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     EXTRA_FEATURES: dict[str, tfds.features.FeatureConnector] = {}
     CLASS_NAMES: tuple[str, ...] = CLASSES
 
-    def __init__(self, *, manual_dir: str | None = None, skip_corrupt: bool = False, **kwargs):
+    # Reads a label file as raw ids [H, W] (a plain function, so build workers can pickle it).
+    READ_LABEL = staticmethod(image_io.read_label)
+
+    def __init__(
+        self,
+        *,
+        manual_dir: str | None = None,
+        skip_corrupt: bool = False,
+        num_workers: int = 0,
+        **kwargs,
+    ):
         self.manual_dir = manual_dir
         self.skip_corrupt = skip_corrupt
+        self.num_workers = num_workers
         self.summary: dict[str, dict[str, Any]] = {}
         self._class_pixels: dict[str, list[list[int]]] = {}
         super().__init__(**kwargs)
@@ -145,14 +231,6 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     def list_items(self, root: str) -> dict[str, list[Item]]:
         """Returns {split: items sorted by name}; raises LayoutError for a missing folder."""
         raise NotImplementedError
-
-    def read_raw_label(self, path: str) -> np.ndarray:
-        """Reads a label file as raw ids [H, W]."""
-        return image_io.read_label(path)
-
-    def map_label(self, raw: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
-        """Raw ids -> (uint8 train ids [H, W], {unknown id: pixels})."""
-        return map_label_ids(raw, self.ID_TO_TRAIN_ID, self.KNOWN_IDS)
 
     # ---- Helpers for subclasses --------------------------------------------------------------
     def require_dir(self, path: str) -> str:
@@ -186,37 +264,41 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         splits = self.checked_items()
         return {split: self._generate_examples(split, items) for split, items in splits.items()}
 
+    def _scale(self, split: str) -> tuple[int, int] | None:
+        key = "val_scale" if split in self.VAL_SPLITS else "train_scale"
+        return getattr(self.builder_config, key, None)
+
     def _generate_examples(self, split: str, items: Iterable[Item]):
         items = list(items)
         stats = self._start_split(split)
-        for item in progress(items, f"{self.name}/{split}"):
-            if item.label is not None and not os.path.isfile(item.label):
-                if not self.skip_corrupt:
-                    raise LayoutError(f"no label for image {item.image}: expected {item.label}")
-                stats["skipped_missing_label"].append(item.name)
-                continue
-            try:
-                image = image_io.read_rgb(item.image)
-                raw = None if item.label is None else self.read_raw_label(item.label)
-            except image_io.CorruptImageError:
-                if not self.skip_corrupt:
-                    raise
-                stats["skipped_corrupt"].append(item.name)
-                continue
-            if raw is not None and raw.shape[:2] != image.shape[:2]:
-                message = (
-                    f"image / label size mismatch: {item.image} is {image.shape[1]}x"
-                    f"{image.shape[0]} but {item.label} is {raw.shape[1]}x{raw.shape[0]}"
-                )
-                if not self.skip_corrupt:
-                    raise SizeMismatchError(message)
-                stats["skipped_mismatch"].append(item.name)
-                continue
-            if raw is None:
-                label, unknown = np.full(image.shape[:2], IGNORE_INDEX, np.uint8), {}
-            else:
-                label, unknown = self.map_label(raw)
-            yield self.make_example(split, item.name, image, label, unknown, item.extra)
+        reader = ItemReader(
+            self.READ_LABEL,
+            self.ID_TO_TRAIN_ID,
+            self.KNOWN_IDS,
+            self.num_classes,
+            self._scale(split),
+            split not in self.VAL_SPLITS,
+        )
+        pool = None
+        if self.num_workers > 1:
+            # Spawned, not forked: safe whatever threads the parent runs.
+            pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+            results = pool.imap(reader, items, chunksize=4)
+        else:
+            results = map(reader, items)
+        try:
+            for item, result in progress(zip(items, results), f"{self.name}/{split}", len(items)):
+                if result["error"] is not None:
+                    kind, message = result["error"]
+                    if not self.skip_corrupt:
+                        raise _ERRORS.get(kind, LayoutError)(message)
+                    stats[f"skipped_{kind}"].append(item.name)
+                    continue
+                self._record(split, result["pixels"], result["unknown"])
+                yield item.name, {**result["example"], "name": item.name, **item.extra}
+        finally:
+            if pool is not None:
+                pool.terminate()
         self._finish_split(split)
 
     def _start_split(self, split: str) -> dict[str, Any]:
@@ -232,47 +314,32 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         return stats
 
     def make_example(
-        self,
-        split: str,
-        name: str,
-        image: np.ndarray,
-        label: np.ndarray,
-        unknown: dict[int, int],
-        extra: dict[str, Any],
+        self, split: str, name: str, image: np.ndarray, label: np.ndarray
     ) -> tuple[str, dict[str, Any]]:
-        """Counts, resizes and encodes one example.
+        """Counts, resizes and encodes an example given as arrays (generated datasets).
 
         Args:
           split: split name (selects the train or val resize rule).
-          name: file stem, unique within the split.
+          name: unique name within the split, also the key.
           image: uint8 [H, W, 3].
           label: uint8 [H, W] train ids at full resolution.
-          unknown: {raw id: pixels} of ids the table does not know (already mapped to 255).
-          extra: values of `EXTRA_FEATURES`.
 
         Returns:
           (key, feature dict) for TFDS.
         """
+        example, pixels = encode_example(
+            image, label, self.num_classes, self._scale(split), split not in self.VAL_SPLITS
+        )
+        self._record(split, pixels, {})
+        return name, {**example, "name": name}
+
+    def _record(self, split: str, pixels: np.ndarray, unknown: dict[int, int]) -> None:
         stats = self.summary[split]
-        pixels = count_class_pixels(label, self.num_classes)
         stats["images"] += 1
         stats["class_pixels"] += pixels
         for raw_id, count in unknown.items():
             stats["unknown_ids"][raw_id] = stats["unknown_ids"].get(raw_id, 0) + count
         self._class_pixels[split].append(pixels.tolist())
-        config = self.builder_config
-        if split in self.VAL_SPLITS:
-            image, _ = transforms.rescale(image, None, getattr(config, "val_scale", None))
-        else:
-            image, label = transforms.rescale(image, label, getattr(config, "train_scale", None))
-        example = {
-            "image": image_io.encode_png(image),
-            "label": image_io.encode_png(label),
-            "class_pixels": pixels,
-            "name": name,
-            **extra,
-        }
-        return name, example
 
     def _finish_split(self, split: str) -> None:
         stats = self.summary[split]

@@ -65,7 +65,8 @@ class Folder(SegmentationBuilder, skip_registration=True):
                 f"folder: missing {classes_json}\nExpected layout of --manual_dir:\n{LAYOUT}"
             )
         self.CLASS_NAMES, self.ID_TO_TRAIN_ID = read_class_table(classes_json)
-        self.KNOWN_IDS = tuple(self.ID_TO_TRAIN_ID)
+        # 255 is the ignore value itself, not an unknown id.
+        self.KNOWN_IDS = (*self.ID_TO_TRAIN_ID, IGNORE_INDEX)
         super().__init__(manual_dir=manual_dir, **kwargs)
 
     def list_items(self, root: str) -> dict[str, list[Item]]:

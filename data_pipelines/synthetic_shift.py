@@ -107,5 +107,5 @@ class SyntheticShift(SegmentationBuilder, skip_registration=True):
         self._start_split(name)
         for index in progress(list(range(count)), f"{self.name}/{name}"):
             image, label = generate_example(self.builder_config, domain, split, index)
-            yield self.make_example(name, f"{name}_{index:05d}", image, label, {}, {})
+            yield self.make_example(name, f"{name}_{index:05d}", image, label)
         self._finish_split(name)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import glob
 import os
 
-import numpy as np
-
 from data_pipelines import image_io
 from data_pipelines.builder_base import Item, ResizeConfig, SegmentationBuilder
 from data_pipelines.labels import SYNTHIA_ID_TO_TRAIN_ID, SYNTHIA_KNOWN_IDS
@@ -29,6 +27,7 @@ class Synthia(SegmentationBuilder, skip_registration=True):
     ID_TO_TRAIN_ID = SYNTHIA_ID_TO_TRAIN_ID
     KNOWN_IDS = SYNTHIA_KNOWN_IDS
     VAL_SPLITS = ()
+    READ_LABEL = staticmethod(image_io.read_first_channel_16bit)
     BUILDER_CONFIGS = [
         ResizeConfig(name="full", description="Native 1280x760."),
         ResizeConfig(
@@ -46,6 +45,3 @@ class Synthia(SegmentationBuilder, skip_registration=True):
             stem = os.path.splitext(os.path.basename(image))[0]
             items.append(Item(stem, image, os.path.join(label_dir, stem + ".png")))
         return {"train": items}
-
-    def read_raw_label(self, path: str) -> np.ndarray:
-        return image_io.read_first_channel_16bit(path)

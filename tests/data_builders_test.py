@@ -127,3 +127,17 @@ def test_synthetic_shift_is_deterministic_and_has_rare_classes(tmp_path):
 @pytest.mark.parametrize("dataset", ["gta5", "cityscapes", "synthia", "dark_zurich"])
 def test_daformer_configs_exist(dataset):
     assert "daformer" in build.BUILDERS[dataset].builder_configs
+
+
+def test_worker_processes_build_the_same_records(tmp_path):
+    fx.make_gta(str(tmp_path / "gta"), count=5)
+    for workers, out in (("0", "serial"), ("2", "parallel")):
+        assert _build("--dataset", "gta5", "--manual_dir", str(tmp_path / "gta"),
+                      "--data_dir", str(tmp_path / out), "--num_workers", workers) == 0  # fmt: skip
+    serial = sources.open_split(str(tmp_path / "serial"), "gta5/full", "train")
+    parallel = sources.open_split(str(tmp_path / "parallel"), "gta5/full", "train")
+    np.testing.assert_array_equal(serial.class_pixels, parallel.class_pixels)
+    for i in range(5):
+        assert serial[i]["name"] == parallel[i]["name"]
+        np.testing.assert_array_equal(serial[i]["image"], parallel[i]["image"])
+        np.testing.assert_array_equal(serial[i]["label"], parallel[i]["label"])
