@@ -53,10 +53,16 @@ def make_builder(args: argparse.Namespace):
     builder_cls = BUILDERS[args.dataset]
     common = dict(data_dir=args.data_dir, file_format="array_record")
     if args.dataset == "synthetic_shift":
-        if args.size or args.num_train or args.num_val or args.seed:
-            height, width = parse_size(args.size or "256x512")[::-1]
+        custom = (args.size, args.num_train, args.num_val, args.seed, args.shift_strength)
+        if any(v is not None for v in custom):
+            width, height = parse_size(args.size or "512x256")
             config = synthetic_config(
-                height, width, args.num_train or 400, args.num_val or 100, args.seed or 0
+                height,
+                width,
+                400 if args.num_train is None else args.num_train,
+                100 if args.num_val is None else args.num_val,
+                args.seed or 0,
+                1.0 if args.shift_strength is None else args.shift_strength,
             )
         else:
             config = args.config or "default"
@@ -151,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_train", type=int, help="synthetic_shift: train images per domain")
     parser.add_argument("--num_val", type=int, help="synthetic_shift: val images per domain")
     parser.add_argument("--seed", type=int, help="synthetic_shift: generator seed")
+    parser.add_argument(
+        "--shift_strength", type=float, help="synthetic_shift: target style strength (1)"
+    )
     return parser.parse_args(argv)
 
 

@@ -366,7 +366,8 @@ def _smooth_noise(rng, height: int, width: int, cell: int) -> np.ndarray:
     ys = (np.arange(height, dtype=np.float32) + 0.5) / cell
     xs = (np.arange(width, dtype=np.float32) + 0.5) / cell
     y0, x0 = ys.astype(int), xs.astype(int)
-    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    fy = (ys - y0).astype(np.float32)[:, None]  # float32: int64 offsets would promote to float64
+    fx = (xs - x0).astype(np.float32)[None, :]
     rows = grid[:, x0] * (1 - fx) + grid[:, x0 + 1] * fx  # [gh, W]
     return rows[y0] * (1 - fy) + rows[y0 + 1] * fy
 
@@ -384,7 +385,11 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def render_target(
-    rng: np.random.Generator, label: np.ndarray, albedo: np.ndarray, geometry: dict
+    rng: np.random.Generator,
+    label: np.ndarray,
+    albedo: np.ndarray,
+    geometry: dict,
+    strength: float = 1.0,
 ) -> np.ndarray:
     """The "photographic" style: texture, lighting, colour cast, gamma, blur and noise.
 
@@ -393,17 +398,24 @@ def render_target(
       label: uint8 [H, W] train ids (selects each class's texture).
       albedo: float32 [H, W, 3] in [0, 1].
       geometry: the street geometry from `sample_scene` (for lane markings and windows).
+      strength: scales every effect (0 = the flat source style, 1 = the default shift); the
+        random draws do not depend on it.
 
     Returns:
       uint8 [H, W, 3].
     """
     height, width = label.shape
+    k = np.float32(strength)
+
+    def toward(value):  # 1 + k * (value - 1): the effect of a multiplicative factor, scaled.
+        return 1 + k * (np.float32(value) - 1)
+
     fine = rng.standard_normal((height, width), dtype=np.float32)
     coarse = _smooth_noise(rng, height, width, 12)
     strength_fine = np.zeros(256, np.float32)
     strength_coarse = np.zeros(256, np.float32)
     for cls, (a_fine, a_coarse) in _TEXTURE.items():
-        strength_fine[cls], strength_coarse[cls] = a_fine, a_coarse
+        strength_fine[cls], strength_coarse[cls] = k * a_fine, k * a_coarse
     texture = 1.0 + strength_fine[label] * fine + strength_coarse[label] * coarse
     image = albedo * np.clip(texture, 0.3, 1.8)[..., None]
 
@@ -412,29 +424,33 @@ def render_target(
     # Lit windows on façades, lane markings on the road, clouds in the sky.
     period_x, period_y = rng.uniform(6, 14), rng.uniform(8, 16)
     windows = ((xs % period_x) < period_x * 0.45) & ((ys % period_y) < period_y * 0.5)
-    window_tone = np.float32(rng.uniform(0.25, 0.45))
-    image[(label == BUILDING) & windows] *= window_tone
+    image[(label == BUILDING) & windows] *= toward(rng.uniform(0.25, 0.45))
     t = np.maximum((ys - geometry["horizon"]) / (height - geometry["horizon"]), 1e-6)
     lateral = (xs - geometry["vanish_x"]) / (geometry["px_per_m"] * t)
     lane = rng.uniform(geometry["road_left"] + 1.0, geometry["road_right"] - 1.0)
     dashes = ((1.0 / t) % 2.0) < 1.0
     marking = (label == ROAD) & (np.abs(lateral - lane) < 0.12) & dashes
-    image[marking] = np.float32(0.85)
+    image[marking] = (1 - k) * image[marking] + k * np.float32(0.85)
     sky = label == SKY
-    clouds = 0.4 * np.clip(_smooth_noise(rng, height, width, 24), 0, 1)[sky][:, None]
+    clouds = k * 0.4 * np.clip(_smooth_noise(rng, height, width, 24), 0, 1)[sky][:, None]
     image[sky] = image[sky] * (1 - clouds) + 0.9 * clouds
 
     # Dim, warm, uneven light: global level, vignette, a soft shadow field, sodium-like cast.
-    level = rng.uniform(0.45, 0.75)
+    level = toward(rng.uniform(0.45, 0.75))
     radius2 = ((xs / width - 0.5) ** 2 + (ys / height - 0.5) ** 2) / 0.5
-    shadow = 1.0 - 0.35 * np.clip(_smooth_noise(rng, height, width, 40), 0, 1)
-    light = level * (1.0 - 0.45 * radius2) * shadow
+    shadow = 1.0 - k * 0.35 * np.clip(_smooth_noise(rng, height, width, 40), 0, 1)
+    light = level * (1.0 - k * 0.45 * radius2) * shadow
     cast = np.array([1.05, 0.86, 0.62], np.float32) * np.exp(rng.normal(0, 0.06, 3)).astype(
         np.float32
     )
-    image = image * light[..., None] * cast
-    image = np.clip(image, 0, 1) ** np.float32(rng.uniform(0.75, 0.95))
-    image = _gaussian_blur(image, rng.uniform(0.7, 1.3))
+    image = image * light[..., None] * toward(cast)
+    gamma = toward(rng.uniform(0.75, 0.95))
+    image = np.clip(image, 0, 1)
+    if gamma != 1:  # float32 pow is not exact even for an exponent of 1.
+        image = image**gamma
+    sigma = k * rng.uniform(0.7, 1.3)
+    if sigma > 0.2:
+        image = _gaussian_blur(image, sigma)
     noise = rng.standard_normal(image.shape, dtype=np.float32)
-    image = image + np.float32(rng.uniform(0.015, 0.035)) * noise
+    image = image + k * np.float32(rng.uniform(0.015, 0.035)) * noise
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)

@@ -6,7 +6,7 @@ independently, in a "photographic" style (see `synthetic_scenes`). Both are labe
   source_train, source_val   rendered style
   target_train, target_val   photographic style (UDA trainers ignore target_train's labels)
 Every image is a deterministic function of (seed, domain, split, index), so a rebuild is
-bit-identical. The `default` config (256×512, 400 + 100 images per domain) builds in about a
+pixel-identical. The `default` config (256×512, 400 + 100 images per domain) builds in about a
 minute on one CPU core; `tiny` (64×128) is for tests.
 """
 
@@ -34,6 +34,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
       num_train: images per domain in the train splits.
       num_val: images per domain in the val splits.
       seed: generator seed.
+      shift_strength: scales the target style's effects (1 = default, 0 = no shift).
     """
 
     height: int = 256
@@ -41,18 +42,23 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     num_train: int = 400
     num_val: int = 100
     seed: int = 0
+    shift_strength: float = 1.0
 
 
-def synthetic_config(height: int, width: int, num_train: int, num_val: int, seed: int):
-    """A config named after its parameters, e.g. `256x512_n400_v100_s0`."""
+def synthetic_config(
+    height: int, width: int, num_train: int, num_val: int, seed: int, shift_strength: float = 1.0
+):
+    """A config named after its parameters, e.g. `256x512_n400_v100_s0_k0.5`."""
+    strength = "" if shift_strength == 1.0 else f"_k{shift_strength:g}"
     return SyntheticConfig(
-        name=f"{height}x{width}_n{num_train}_v{num_val}_s{seed}",
+        name=f"{height}x{width}_n{num_train}_v{num_val}_s{seed}{strength}",
         description="Custom synthetic_shift size.",
         height=height,
         width=width,
         num_train=num_train,
         num_val=num_val,
         seed=seed,
+        shift_strength=shift_strength,
     )
 
 
@@ -73,7 +79,7 @@ def generate_example(config: SyntheticConfig, domain: str, split: str, index: in
     if domain == "source":
         image = synthetic_scenes.render_source(label, albedo)
     else:
-        image = synthetic_scenes.render_target(rng, label, albedo, geometry)
+        image = synthetic_scenes.render_target(rng, label, albedo, geometry, config.shift_strength)
     return image, label
 
 

@@ -4,7 +4,7 @@ import data_fixtures as fx
 import numpy as np
 import pytest
 
-from data_pipelines import build, labels, sources, synthetic_shift
+from data_pipelines import build, labels, sources, synthetic_scenes, synthetic_shift
 
 
 def _build(*args) -> int:
@@ -141,3 +141,14 @@ def test_worker_processes_build_the_same_records(tmp_path):
         assert serial[i]["name"] == parallel[i]["name"]
         np.testing.assert_array_equal(serial[i]["image"], parallel[i]["image"])
         np.testing.assert_array_equal(serial[i]["label"], parallel[i]["label"])
+
+
+def test_shift_strength_zero_renders_the_source_style():
+    rng = np.random.default_rng(5)
+    label, albedo, geometry = synthetic_scenes.sample_scene(rng, 32, 64)
+    flat = synthetic_scenes.render_source(label, albedo)
+    np.testing.assert_array_equal(
+        synthetic_scenes.render_target(rng, label, albedo, geometry, strength=0.0), flat
+    )
+    shifted = synthetic_scenes.render_target(rng, label, albedo, geometry, strength=1.0)
+    assert np.abs(shifted.astype(int) - flat).mean() > 20  # the default shift is large
