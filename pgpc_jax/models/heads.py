@@ -87,7 +87,11 @@ class SegFormerHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, features: Sequence[jax.Array], train: bool = False) -> jax.Array:
+    def __call__(
+        self, features: Sequence[jax.Array], train: bool = False, dropout: bool | None = None
+    ) -> jax.Array:
+        """`train`: BatchNorm on batch statistics; `dropout` (default: `train`): channel dropout."""
+        dropout = train if dropout is None else dropout
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         size = features[0].shape[1:3]
         embedded = [
@@ -96,7 +100,7 @@ class SegFormerHead(nn.Module):
         ]
         x = jnp.concatenate(embedded[::-1], axis=-1)  # [c4, c3, c2, c1] as NVlabs / HF
         x = ConvModule(self.embed_dim, 1, name="linear_fuse", **kw)(x, train)
-        x = Dropout2d(self.dropout_rate)(x, deterministic=not train)
+        x = Dropout2d(self.dropout_rate)(x, deterministic=not dropout)
         return _classifier(self.num_classes, "linear_pred", **kw)(x)
 
 
@@ -156,7 +160,11 @@ class DAFormerHead(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, features: Sequence[jax.Array], train: bool = False) -> jax.Array:
+    def __call__(
+        self, features: Sequence[jax.Array], train: bool = False, dropout: bool | None = None
+    ) -> jax.Array:
+        """`train`: BatchNorm on batch statistics; `dropout` (default: `train`): channel dropout."""
+        dropout = train if dropout is None else dropout
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         size = features[0].shape[1:3]
         embedded = [
@@ -165,5 +173,5 @@ class DAFormerHead(nn.Module):
         ]
         x = jnp.concatenate(embedded, axis=-1)  # [c1, c2, c3, c4] as DAFormer
         x = ASPPWrapper(self.channels, tuple(self.dilations), name="fuse_layer", **kw)(x, train)
-        x = Dropout2d(self.dropout_rate)(x, deterministic=not train)
+        x = Dropout2d(self.dropout_rate)(x, deterministic=not dropout)
         return _classifier(self.num_classes, "conv_seg", **kw)(x)

@@ -220,6 +220,7 @@ class MixVisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        """`train` switches stochastic depth on (the encoder has no BatchNorm)."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths))
