@@ -1,6 +1,9 @@
-"""GTA5 -> Cityscapes with DAFormer (MiT-B5 + DAFormer head).
+"""GTA5 -> Cityscapes with DAFormer (MiT-B5 + DAFormer head), the recipe of configs/base.py.
 
-python -m pgpc_jax.main --config configs/gta2cs.py --workdir runs/gta2cs
+Start from ImageNet MiT-B5 (NVlabs mit_b5.pth) and the datasets built with data_pipelines.build:
+
+  python -m pgpc_jax.main --config configs/gta2cs.py --workdir runs/gta2cs \
+      --config.init_from.path=pretrained/mit_b5.pth
 """
 
 from configs import base
@@ -8,4 +11,5 @@ from configs import base
 
 def get_config():
     config = base.get_config()
+    config.init_from.path = "pretrained/mit_b5.pth"
     return config

@@ -81,6 +81,71 @@ def load_variables(path: str, template: Mapping) -> dict:
         return ckptr.restore(target, abstract)
 
 
+class RunCheckpoints:
+    """Checkpoints of a training run, with automatic resume and keep-best.
+
+      WORKDIR/checkpoints/<step>/   the last `keep` states (TrainState + data iterator states)
+      WORKDIR/best/<step>/          the state with the best `best_metric` so far
+
+    Saving is asynchronous (orbax); `close()` waits for it.
+    """
+
+    def __init__(self, workdir: str, keep: int = 2, best_metric: str = "eval/miou"):
+        self.best_metric = best_metric
+        self.latest = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+        self.best = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1,
+                create=True,
+                best_fn=lambda m: m[best_metric],
+                best_mode="max",
+                keep_checkpoints_without_metrics=False,
+            ),
+        )
+
+    @staticmethod
+    def _args(state, data_state: Mapping[str, Any]) -> ocp.args.Composite:
+        return ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))
+        )
+
+    def save(self, step: int, state, data_state: Mapping[str, Any]) -> None:
+        self.latest.save(step, args=self._args(state, data_state))
+
+    def save_if_best(self, step: int, state, data_state, metrics: Mapping[str, float]) -> bool:
+        """Keep `state` as the best if its `best_metric` beats the best so far."""
+        best = self.best.best_step()
+        if best is not None:
+            previous = self.best.metrics(best) or {}
+            if previous.get(self.best_metric, -np.inf) >= metrics[self.best_metric]:
+                return False
+        self.best.save(step, args=self._args(state, data_state), metrics=dict(metrics))
+        return True
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore(self, abstract_state) -> tuple[Any, dict]:
+        """Restore the latest checkpoint into the structure of `abstract_state`."""
+        step = self.latest.latest_step()
+        restored = self.latest.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["data"] or {})
+
+    def close(self) -> None:
+        for manager in (self.latest, self.best):
+            manager.wait_until_finished()
+            manager.close()
+
+
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(p): tuple(getattr(v, "shape", ())) for p, v in flat}

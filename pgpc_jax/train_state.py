@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 
 @flax.struct.dataclass
@@ -38,3 +39,20 @@ class TrainState:
     @property
     def student_variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_train_state(config, variables, tx) -> TrainState:
+    """The state at step 0: student = teacher = `variables`; the ImageNet encoder is a frozen
+    copy of the initial encoder (ImageNet weights when `init_from` is an ImageNet MiT)."""
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        teacher_params=jax.tree.map(jnp.copy, params),
+        imnet_params=(
+            jax.tree.map(jnp.copy, params["backbone"]) if config.uda.fd_lambda > 0 else None
+        ),
+        rng=jax.random.key(config.seed + 17),
+    )

@@ -72,10 +72,18 @@ class Segmentor(nn.Module):
         else:
             raise ValueError(f"model.head={self.head!r}: expected one of {HEADS}")
 
-    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
-        """images [B, H, W, 3] normalised -> (logits [B, H/4, W/4, K] float32, 4 features)."""
-        features = self.encoder(images, train)
-        logits = self.decoder(features, train)
+    def __call__(
+        self, images: jax.Array, train: bool = False, dropout: bool | None = None
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """images [B, H, W, 3] normalised -> (logits [B, H/4, W/4, K] float32, 4 features).
+
+        `train` puts BatchNorm on batch statistics (updating the running ones when
+        `batch_stats` is mutable); `dropout` (default: `train`) switches channel dropout and
+        stochastic depth. DAFormer's teacher runs with train=True, dropout=False.
+        """
+        dropout = train if dropout is None else dropout
+        features = self.encoder(images, dropout)
+        logits = self.decoder(features, train, dropout)
         return logits.astype(jnp.float32), features
 
     def encode(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
