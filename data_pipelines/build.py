@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_workers", type=int, default=0, help="processes decoding / encoding (0: none)"
     )
     parser.add_argument("--name", default="default", help="folder: name of this dataset")
-    parser.add_argument("--config", help="synthetic_shift: 'default' or 'tiny'")
+    parser.add_argument("--config", help="synthetic_shift: 'default', 'mild' or 'tiny'")
     parser.add_argument("--size", help="synthetic_shift: WxH of the images (default 512x256)")
     parser.add_argument("--num_train", type=int, help="synthetic_shift: train images per domain")
     parser.add_argument("--num_val", type=int, help="synthetic_shift: val images per domain")

@@ -7,7 +7,8 @@ independently, in a "photographic" style (see `synthetic_scenes`). Both are labe
   target_train, target_val   photographic style (UDA trainers ignore target_train's labels)
 Every image is a deterministic function of (seed, domain, split, index), so a rebuild is
 pixel-identical. The `default` config (256×512, 400 + 100 images per domain) builds in about a
-minute on one CPU core; `tiny` (64×128) is for tests.
+minute on one CPU core; `mild` is the same at half the style strength; `tiny` (64×128) is for
+tests.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class SyntheticShift(SegmentationBuilder, skip_registration=True):
     VAL_SPLITS = ("source_val", "target_val")
     BUILDER_CONFIGS = [
         SyntheticConfig(name="default", description="256x512, 400 train + 100 val per domain."),
+        SyntheticConfig(
+            name="mild",
+            description="256x512, 400 train + 100 val per domain, target style at half strength.",
+            shift_strength=0.5,
+        ),
         SyntheticConfig(
             name="tiny",
             description="64x128, 12 train + 4 val per domain (tests).",
