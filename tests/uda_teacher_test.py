@@ -16,7 +16,7 @@ def _torch_ema(ema: np.ndarray, param: np.ndarray, it: int, alpha: float) -> np.
     if it == 0:
         return param.copy()
     a = min(1 - 1 / (it + 1), alpha)
-    return (a * torch.from_numpy(ema) + (1 - a) * torch.from_numpy(param)).numpy()
+    return (a * torch.tensor(ema) + (1 - a) * torch.tensor(param)).numpy()
 
 
 @pytest.mark.parametrize("step", [0, 1, 2, 3, 9, 500, 998, 999, 1000, 40000])
