@@ -1,0 +1,439 @@
+"""Evaluation: on-device confusion matrix, mIoU, whole-image and sliding-window inference.
+
+The protocol is DAFormer's (mmseg v0.16 as vendored in lhoyer/DAFormer):
+  * `whole_inference` is `EncoderDecoder.whole_inference` with `rescale=True`: the stride-4
+    logits are upsampled bilinearly (align_corners=False) to the network input size inside
+    `encode_decode`, then again to the label (original image) size.
+  * `slide_inference` is `EncoderDecoder.slide_inference`: a grid of crops whose last row and
+    column are moved back to touch the border, the window logits summed and divided by the
+    number of windows covering each pixel, then (rescale) resized to the label size.
+  * The prediction is the argmax over classes (mmseg takes a softmax first; argmax is the same).
+  * mIoU is mmseg `mean_iou`: intersection and union accumulated over the whole dataset, one
+    IoU per class (NaN when the class is neither in the labels nor in the predictions), then the
+    nanmean over classes. cityscapesscripts `evalPixelLevelSemanticLabeling` gives the same
+    numbers (a test checks it).
+
+SYNTHIA→Cityscapes: DAFormer's logs show the 19-class mIoU and its README reports
+mIoU16 = mIoU19 · 19/16, which holds only because a SYNTHIA-trained model never predicts terrain,
+truck or train, so their IoU is 0 (Cityscapes val does contain them). Here mIoU16 and mIoU13 are
+computed directly as the nanmean of the IoUs of their classes (`labels.MIOU16_CLASSES`,
+`labels.MIOU13_CLASSES`) from the same 19-class confusion matrix, which equals the README value
+in that case and stays correct when it does not hold.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from PIL import Image
+
+from data_pipelines import labels as label_table
+from pgpc_jax import sharding
+from pgpc_jax.models import segmentor
+from pgpc_jax.models.layers import resize_bilinear
+
+MODES = ("whole", "slide")
+# Largest pixel count an int32 confusion matrix can take before a cell might overflow.
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+def confusion_matrix(
+    pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
+) -> jax.Array:
+    """Counts (label, prediction) pairs over the valid pixels.
+
+    Pixels whose label is `ignore_index` or outside [0, K) do not count (mmseg's `histc` drops
+    labels >= K too). Masks are weights, never boolean indexing, so this is jittable and works
+    on a batch sharded over a mesh (XLA reduces the per-device counts).
+
+    Args:
+      pred: int [B, H, W] predicted class ids in [0, K).
+      label: int [B, H, W] ground-truth ids; `ignore_index` marks unlabelled pixels.
+      num_classes: K.
+      ignore_index: label value that is not evaluated.
+
+    Returns:
+      int32 [K, K] matrix, rows = ground truth, columns = prediction.
+    """
+    k = num_classes
+    label = label.astype(jnp.int32).reshape(-1)
+    pred = jnp.clip(pred.astype(jnp.int32).reshape(-1), 0, k - 1)
+    valid = (label != ignore_index) & (label >= 0) & (label < k)
+    index = jnp.where(valid, label * k + pred, 0)
+    counts = jnp.bincount(index, weights=valid.astype(jnp.int32), length=k * k)
+    return counts.astype(jnp.int32).reshape(k, k)
+
+
+def miou_from_confusion(
+    cm: np.ndarray, class_subset: Sequence[int] | None = None
+) -> tuple[float, np.ndarray]:
+    """Mean IoU from a dataset-accumulated confusion matrix, as mmseg `mean_iou`.
+
+    Args:
+      cm: [K, K] counts, rows = ground truth, columns = prediction.
+      class_subset: class ids the mean is taken over (e.g. `labels.MIOU16_CLASSES`); all K
+        when None.
+
+    Returns:
+      (mIoU as a float in [0, 1] (NaN if no class of the subset occurs),
+       float64 [K] IoU of every class, NaN where the union is empty).
+    """
+    cm = np.asarray(cm, np.float64)
+    intersection = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - intersection
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
+    subset = iou if class_subset is None else iou[np.asarray(class_subset, np.int64)]
+    miou = float(np.nanmean(subset)) if np.any(~np.isnan(subset)) else float("nan")
+    return miou, iou
+
+
+def whole_inference(
+    model: segmentor.Segmentor,
+    variables: Mapping,
+    images: jax.Array,
+    label_size: Sequence[int] | None = None,
+) -> jax.Array:
+    """DAFormer's test-time forward: one pass on the whole image, logits at the label size.
+
+    Args:
+      model: the segmentor.
+      variables: its variables (params, batch_stats); evaluation mode (running BN statistics).
+      images: float32 [B, H, W, 3] normalised images at the test scale.
+      label_size: (h, w) of the labels; the input size when None.
+
+    Returns:
+      float32 [B, h, w, K] logits. Two bilinear steps as mmseg: stride 4 -> (H, W) in
+      `encode_decode`, then (H, W) -> (h, w) for `rescale=True`.
+    """
+    logits = segmentor.predict_logits(model, variables, images)  # [B, H, W, K]
+    if label_size is not None:
+        logits = resize_bilinear(logits, tuple(label_size))
+    return logits
+
+
+def slide_windows(
+    image_size: Sequence[int], crop: Sequence[int], stride: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """The windows of mmseg's `slide_inference`, in its order.
+
+    Args:
+      image_size: (H, W).
+      crop: (h_crop, w_crop); a crop larger than the image is cut to the image (no padding).
+      stride: (h_stride, w_stride).
+
+    Returns:
+      list of (y1, y2, x1, x2) with y2 - y1 = min(h_crop, H) and x2 - x1 = min(w_crop, W).
+    """
+    (h_img, w_img), (h_crop, w_crop), (h_stride, w_stride) = image_size, crop, stride
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y2 = min(h_idx * h_stride + h_crop, h_img)
+            x2 = min(w_idx * w_stride + w_crop, w_img)
+            # The last window is moved back so that it ends at the border.
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
+def window_counts(
+    image_size: Sequence[int], crop: Sequence[int], stride: Sequence[int]
+) -> np.ndarray:
+    """float32 [H, W]: how many windows of `slide_windows` cover each pixel (mmseg `count_mat`)."""
+    count = np.zeros(tuple(image_size), np.float32)
+    for y1, y2, x1, x2 in slide_windows(image_size, crop, stride):
+        count[y1:y2, x1:x2] += 1
+    return count
+
+
+def sliding_window_logits(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    images: jax.Array,
+    crop: Sequence[int],
+    stride: Sequence[int],
+    num_classes: int,
+    windows_per_call: int = 1,
+) -> jax.Array:
+    """Sliding-window logits for any window function (the loop of mmseg `slide_inference`).
+
+    Window positions are static for a given image size, so this traces once per size; the
+    window function runs under `lax.map`, so the model is compiled once whatever the count.
+
+    Args:
+      logits_fn: crops [B, h, w, 3] -> logits [B, h, w, K] at the crop size.
+      images: [B, H, W, 3].
+      crop: (h_crop, w_crop).
+      stride: (h_stride, w_stride).
+      num_classes: K.
+      windows_per_call: windows evaluated together (vmapped); more is faster, uses more memory.
+
+    Returns:
+      float32 [B, H, W, K]: per pixel, the mean of the logits of the windows covering it.
+    """
+    b, h_img, w_img = images.shape[:3]
+    windows = slide_windows((h_img, w_img), crop, stride)
+    crops = jnp.stack([images[:, y1:y2, x1:x2] for y1, y2, x1, x2 in windows])  # [N, B, h, w, 3]
+    window_logits = jax.lax.map(logits_fn, crops, batch_size=windows_per_call)  # [N, B, h, w, K]
+    preds = jnp.zeros((b, h_img, w_img, num_classes), jnp.float32)
+    for i, (y1, y2, x1, x2) in enumerate(windows):
+        preds = preds.at[:, y1:y2, x1:x2].add(window_logits[i].astype(jnp.float32))
+    count = window_counts((h_img, w_img), crop, stride)
+    assert count.min() > 0, "sliding windows leave pixels uncovered"
+    return preds / jnp.asarray(count)[None, :, :, None]
+
+
+def slide_inference(
+    model: segmentor.Segmentor,
+    variables: Mapping,
+    images: jax.Array,
+    crop: Sequence[int],
+    stride: Sequence[int],
+    num_classes: int,
+    label_size: Sequence[int] | None = None,
+    windows_per_call: int = 1,
+) -> jax.Array:
+    """mmseg `slide_inference` (with `rescale=True` when `label_size` is given).
+
+    Args:
+      model, variables: the segmentor and its variables.
+      images: float32 [B, H, W, 3] normalised.
+      crop: (h_crop, w_crop) window size.
+      stride: (h_stride, w_stride).
+      num_classes: K.
+      label_size: (h, w) to resize the averaged logits to; None keeps (H, W).
+      windows_per_call: see `sliding_window_logits`.
+
+    Returns:
+      float32 [B, h, w, K] logits. Each window's logits are at the crop size (`encode_decode`
+      upsamples its stride-4 output), averaged over overlaps, then resized once to the labels.
+    """
+    logits = sliding_window_logits(
+        lambda x: segmentor.predict_logits(model, variables, x),
+        images,
+        crop,
+        stride,
+        num_classes,
+        windows_per_call,
+    )
+    if label_size is not None:
+        logits = resize_bilinear(logits, tuple(label_size))
+    return logits
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(
+    model: segmentor.Segmentor,
+    mode: str,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    num_classes: int,
+    ignore_index: int,
+    windows_per_call: int,
+):
+    """jit (cm, variables, images, labels) -> (cm + batch counts, predictions [B, h, w])."""
+
+    @jax.jit
+    def step(cm, variables, images, labels):
+        label_size = labels.shape[1:3]
+        if mode == "whole":
+            logits = whole_inference(model, variables, images, label_size)
+        else:
+            logits = slide_inference(
+                model, variables, images, crop, stride, num_classes, label_size, windows_per_call
+            )
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return cm + confusion_matrix(pred, labels, num_classes, ignore_index), pred
+
+    return step
+
+
+def metric_name(class_name: str) -> str:
+    """'traffic light' -> 'eval/iou/traffic_light'."""
+    return "eval/iou/" + class_name.replace(" ", "_")
+
+
+def metrics_from_confusion(
+    cm: np.ndarray, class_names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """{'eval/miou', ['eval/miou16', 'eval/miou13' for the 19 Cityscapes classes],
+    'eval/iou/<class>'}: fractions in [0, 1], NaN for classes absent from labels and predictions."""
+    k = cm.shape[0]
+    names = class_names or _class_names(k)
+    miou, iou = miou_from_confusion(cm)
+    metrics = {"eval/miou": miou}
+    if k == label_table.NUM_CLASSES:
+        metrics["eval/miou16"] = miou_from_confusion(cm, label_table.MIOU16_CLASSES)[0]
+        metrics["eval/miou13"] = miou_from_confusion(cm, label_table.MIOU13_CLASSES)[0]
+    for name, value in zip(names, iou, strict=True):
+        metrics[metric_name(name)] = float(value)
+    return metrics
+
+
+def iou_table(metrics: Mapping[str, float], class_names: Sequence[str]) -> str:
+    """A markdown table (aligned as plain text too) of the per-class IoU and the means, in %."""
+    rows = [(name, metrics[metric_name(name)]) for name in class_names]
+    for key, title in (("eval/miou", "mIoU"), ("eval/miou16", "mIoU16"), ("eval/miou13", "mIoU13")):
+        if key in metrics:
+            rows.append((f"**{title}**" if key == "eval/miou" else title, metrics[key]))
+    width = max(len("class"), *(len(r[0]) for r in rows))
+    lines = [f"| {'class':<{width}} | {'IoU':>6} |", f"|{'-' * (width + 2)}|-------:|"]
+    for name, value in rows:
+        text = "n/a" if np.isnan(value) else f"{100 * value:.2f}"
+        lines.append(f"| {name:<{width}} | {text:>6} |")
+    return "\n".join(lines)
+
+
+def _class_names(num_classes: int) -> tuple[str, ...]:
+    if num_classes == label_table.NUM_CLASSES:
+        return label_table.CLASSES
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def _mesh_of(variables: Mapping) -> Any:
+    leaf = jax.tree.leaves(variables)[0]
+    spec = getattr(leaf, "sharding", None)
+    return spec.mesh if isinstance(spec, NamedSharding) else None
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:  # every process needs the whole (global) batch
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_visualizations(
+    directory: str,
+    start: int,
+    preds: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    ignore_index: int = label_table.IGNORE_INDEX,
+    write: bool = True,
+) -> int:
+    """Write `<i>_pred.png` and `<i>_label.png` colour images for up to `count` examples.
+
+    Args:
+      directory: output directory.
+      start: index of the first example written (file names count on from it).
+      preds: int [B, H, W] predictions; labels: int [B, H, W] train ids.
+      count: most examples to write.
+      ignore_index: all-ignore labels (the padding of `pipeline.val_dataset`) are skipped.
+      write: False only counts (processes other than 0 count along with it).
+
+    Returns:
+      The number of examples written.
+    """
+    keep = [i for i in range(len(labels)) if not np.all(labels[i] == ignore_index)][:count]
+    if write and keep:
+        os.makedirs(directory, exist_ok=True)
+        for n, i in enumerate(keep, start):
+            for what, ids in (("pred", preds[i]), ("label", labels[i])):
+                path = os.path.join(directory, f"{n:04d}_{what}.png")
+                Image.fromarray(label_table.colorize(ids)).save(path)
+    return len(keep)
+
+
+def evaluate(
+    model: segmentor.Segmentor,
+    variables: Mapping,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    num_classes: int,
+    mode: str = "whole",
+    crop_size: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+    ignore_index: int = label_table.IGNORE_INDEX,
+    num_visualizations: int = 0,
+    visualization_dir: str | None = None,
+    class_names: Sequence[str] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    windows_per_call: int = 1,
+) -> tuple[dict[str, float], str]:
+    """Evaluate a model over a finite iterable of batches.
+
+    The confusion matrix stays on device across batches (fetched once at the end; also before
+    an int32 cell could overflow, i.e. every 2^31 label pixels).
+
+    Args:
+      model, variables: the segmentor and its (student or teacher) variables.
+      batches: dicts with `image` float32 normalised [B, H, W, 3] and `label` int [B, h, w]
+        train ids (the labels may be larger than the images, e.g. 1024×2048 for 512×1024).
+        Under a multi-process mesh, each process gives its local part of the batch.
+      num_classes: K.
+      mode: 'whole' (DAFormer) or 'slide' (windows of `crop_size` every `stride`).
+      crop_size, stride: (h, w) of the sliding windows.
+      ignore_index: label value not evaluated.
+      num_visualizations: colour predictions saved for the first N (non-padding) images.
+      visualization_dir: where to save them.
+      class_names: names for the metric keys; Cityscapes' 19 when K = 19.
+      mesh: ('data',) mesh the batches are sharded over; found from the variables' sharding
+        when None (none: a single device).
+      windows_per_call: sliding windows evaluated together.
+
+    Returns:
+      (metrics, table): metrics as `metrics_from_confusion` (plus 'eval/num_pixels', the
+      evaluated pixel count), table as `iou_table`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"eval mode={mode!r}: expected one of {MODES}")
+    if num_visualizations and not visualization_dir:
+        raise ValueError("num_visualizations > 0 needs a visualization_dir")
+    names = tuple(class_names or _class_names(num_classes))
+    mesh = mesh if mesh is not None else _mesh_of(variables)
+    step = _eval_step(
+        model,
+        mode,
+        tuple(int(v) for v in crop_size),
+        tuple(int(v) for v in stride),
+        num_classes,
+        ignore_index,
+        windows_per_call,
+    )
+    total = np.zeros((num_classes, num_classes), np.int64)
+    zeros = np.zeros((num_classes, num_classes), np.int32)
+    cm = jax.device_put(zeros, sharding.replicated(mesh)) if mesh is not None else zeros
+    pixels_on_device = 0
+    num_batches = visualized = 0
+    for batch in batches:
+        image = np.asarray(batch["image"], np.float32)
+        label = np.asarray(batch["label"], np.int32)
+        if image.shape[0] != label.shape[0]:
+            raise ValueError(f"batch of {image.shape[0]} images but {label.shape[0]} labels")
+        global_pixels = label.size * jax.process_count()
+        if pixels_on_device + global_pixels > _INT32_MAX:  # flush before a cell can overflow
+            total += np.asarray(jax.device_get(cm), np.int64)
+            cm, pixels_on_device = jnp.zeros_like(cm), 0
+        if mesh is not None:
+            sharding.check_batch_size(image.shape[0] * jax.process_count(), mesh, "eval batch")
+            device_batch = sharding.global_batch({"image": image, "label": label}, mesh)
+        else:
+            device_batch = {"image": jnp.asarray(image), "label": jnp.asarray(label)}
+        cm, pred = step(cm, variables, device_batch["image"], device_batch["label"])
+        pixels_on_device += global_pixels
+        num_batches += 1
+        if visualized < num_visualizations:
+            # Every process takes part in the gather; process 0 writes.
+            visualized += save_visualizations(
+                visualization_dir,
+                visualized,
+                _host(pred),
+                _host(device_batch["label"]),
+                num_visualizations - visualized,
+                ignore_index,
+                write=jax.process_index() == 0,
+            )
+    if num_batches == 0:
+        raise ValueError("evaluate: the batch iterable is empty")
+    total += np.asarray(jax.device_get(cm), np.int64)
+    metrics = metrics_from_confusion(total, names)
+    metrics["eval/num_pixels"] = float(total.sum())
+    return metrics, iou_table(metrics, names)
