@@ -97,3 +97,12 @@ def test_synthia_missing_gt_folder(tmp_path, capsys):
     status, _, err = _run(capsys, '--dataset', 'synthia', '--manual_dir', str(tmp_path / 'syn'),
                           '--data_dir', str(tmp_path / 'out'))  # fmt: skip
     assert status == 2 and "GT/LABELS/0000000.png" in err
+
+
+def test_folder_without_class_table_prints_the_layout(tmp_path, capsys):
+    fx.make_folder(str(tmp_path / "mine"))
+    os.remove(tmp_path / "mine" / "classes.json")
+    status, _, err = _run(capsys, "--dataset", "folder", "--manual_dir", str(tmp_path / "mine"),
+                          "--data_dir", str(tmp_path / "out"))  # fmt: skip
+    assert status == 2
+    assert f"missing {tmp_path / 'mine' / 'classes.json'}" in err and "Expected layout" in err
