@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-with warnings.catch_warnings():  # kornia 0.5.8 uses torch.jit.script, deprecated in torch 2.x
-    warnings.simplefilter("ignore")
+# kornia 0.5.8 scripts functions with torch.jit.script (deprecated in torch 2.x) at import, after
+# setting a global 'always' filter for DeprecationWarning: record and drop those warnings here
+# (the context manager also restores the filters kornia changed).
+with warnings.catch_warnings(record=True):
     import kornia
 
 from pgpc_jax.uda import mixing
-
-# kornia 0.5.8 scripts some functions lazily; torch 2.x warns that torch.jit.script is deprecated.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 
 def _blocks(classes, height=8, width=12):
