@@ -1,0 +1,100 @@
+"""Tests for pgpc_jax.metrics_logging: JSONL, event files, progress line, non-finite check."""
+
+import io
+import json
+import math
+import os
+
+import pytest
+
+from pgpc_jax import metrics_logging as ml
+
+
+def test_crc32c_known_value():
+    # The CRC-32C check value (RFC 3720 / iSCSI test vector).
+    assert ml.crc32c(b"123456789") == 0xE3069283
+    assert ml.crc32c(b"") == 0
+
+
+def test_logger_writes_jsonl_events_and_progress(tmp_path):
+    out = io.StringIO()
+    with ml.MetricsLogger(str(tmp_path), total_steps=40000, stream=out) as logger:
+        logger.log(1000, {"train/loss": 0.812, "train/lr": 5.8e-5})
+        logger.log(1200, {"train/loss": float("nan"), "train/lr": 5.7e-5})
+        logger.log(1200, {"eval/miou": 0.5, "eval/iou/road": 0.9})
+
+    lines = open(tmp_path / "metrics.jsonl").read().splitlines()
+    records = [json.loads(line) for line in lines]  # strict JSON: NaN written as null
+    assert [r["step"] for r in records] == [1000, 1200, 1200]
+    assert records[0]["train/loss"] == 0.812 and records[0]["train/lr"] == 5.8e-5
+    assert records[1]["train/loss"] is None
+    assert records[2] == {"step": 1200, "wall_time": records[2]["wall_time"], "eval/miou": 0.5,
+                          "eval/iou/road": 0.9}  # fmt: skip
+    assert records[0]["wall_time"] <= records[1]["wall_time"]
+
+    event_dir = tmp_path / "tensorboard"
+    (name,) = os.listdir(event_dir)
+    assert name.startswith("events.out.tfevents.")
+    events = ml.read_events(str(event_dir / name))
+    assert events[0]["file_version"] == "brain.Event:2"
+    assert [e["step"] for e in events[1:]] == [1000, 1200, 1200]
+    assert events[1]["scalars"]["train/loss"] == pytest.approx(0.812)
+    assert events[1]["scalars"]["train/lr"] == pytest.approx(5.8e-5)
+    assert math.isnan(events[2]["scalars"]["train/loss"])
+    assert events[3]["scalars"] == {"eval/miou": 0.5, "eval/iou/road": pytest.approx(0.9)}
+
+    printed = out.getvalue().splitlines()
+    assert printed[0] == "step 1000/40000  loss 0.812  lr 5.8e-05"  # no speed yet
+    assert printed[1].startswith("step 1200/40000  loss nan  lr 5.7e-05  ")
+    assert "steps/s  ETA " in printed[1]
+    assert printed[2] == "step 1200/40000  eval/miou 0.5"  # same step: no speed; no per-class
+
+
+def test_event_file_rejects_corruption(tmp_path):
+    writer = ml.EventFileWriter(str(tmp_path))
+    writer.scalars(3, {"train/loss": 1.5})
+    writer.close()
+    data = bytearray(open(writer.path, "rb").read())
+    data[-6] ^= 0xFF  # inside the last payload
+    open(writer.path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match="bad CRC"):
+        ml.read_events(writer.path)
+
+
+def test_tensorboard_reads_event_file(tmp_path):
+    # TensorBoard is not a dependency; when it is installed, it must read our files.
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    writer = ml.EventFileWriter(str(tmp_path))
+    writer.scalars(7, {"train/loss": 0.25})
+    writer.close()
+    acc = accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    (event,) = acc.Scalars("train/loss")
+    assert (event.step, event.value) == (7, 0.25)
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0, "0s"), (45, "45s"), (725, "12m05s"), (16800, "4h40m"), (183600, "2d03h"), (math.inf, "?")],
+)
+def test_format_duration(seconds, text):
+    assert ml.format_duration(seconds) == text
+
+
+def test_progress_line_eta():
+    line = ml.progress_line(1200, 40000, {"train/loss": 0.812, "train/lr": 5.8e-5}, 2.31)
+    # 38800 steps / 2.31 steps/s = 16797 s = 4 h 39 min 57 s.
+    assert line == "step 1200/40000  loss 0.812  lr 5.8e-05  2.31 steps/s  ETA 4h39m"
+
+
+def test_check_finite_names_step_and_terms():
+    ml.check_finite({"train/loss": 0.5, "train/lr": 6e-5}, 10)
+    with pytest.raises(ml.NonFiniteLossError) as err:
+        ml.check_finite(
+            {"train/loss": float("nan"), "train/loss_src": 0.3, "train/loss_mix": float("inf")},
+            1234,
+        )
+    message = str(err.value)
+    assert "step 1234" in message
+    assert "train/loss=nan" in message and "train/loss_mix=inf" in message
+    assert "loss_src" not in message
