@@ -176,28 +176,43 @@ def test_normalisation_round_trip():
     )
 
 
+def _key_where(jitter, blur):
+    # The first key whose step-level draws (default probabilities) are (jitter, blur).
+    for seed in range(100):
+        draws = mixing.sample_strong_augment(jax.random.key(seed), 2)
+        if bool(draws["jitter"]) == jitter and bool(draws["blur"]) == blur:
+            return jax.random.key(seed)
+    raise AssertionError("no key found")
+
+
 def test_strong_augment_is_jitter_then_blur_in_unit_space():
     rng = np.random.default_rng(6)
     images = rng.normal(size=(2, 20, 30, 3)).astype(np.float32)
-    key = jax.random.key(7)
-    out, applied = mixing.strong_augment(key, images, jitter_prob=1.0, blur_prob=1.0)
+    augment = jax.jit(mixing.strong_augment)
+    key = _key_where(jitter=True, blur=True)
+    out, applied = augment(key, images)
     assert float(applied["jitter"]) == 1.0 and float(applied["blur"]) == 1.0
-    # The same draws, by hand: the key split of `strong_augment`.
-    _, k_jitter, _, k_sigma = jax.random.split(key, 4)
-    params = mixing.sample_color_jitter(k_jitter, 2, 0.2)
-    sigma = jax.random.uniform(k_sigma, (2,), jnp.float32, 0.15, 1.15)
+    draws = mixing.sample_strong_augment(key, 2)
     unit = np.asarray(mixing.denormalize(images))
-    jittered = mixing.renormalize(_kornia_jitter(unit, params))
-    expected = mixing.gaussian_blur(jittered, sigma, (1, 3))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-4)
-    same, applied = mixing.strong_augment(key, images, jitter_prob=0.0, blur_prob=0.0)
+    jittered = np.asarray(mixing.renormalize(_kornia_jitter(unit, draws["color"])))
+    kernel = (mixing.blur_kernel_size(20), mixing.blur_kernel_size(30))
+    expected = []
+    for i in range(2):
+        sigma = float(draws["sigma"][i])
+        blur = kornia.filters.GaussianBlur2d(kernel, (sigma, sigma))
+        x = torch.from_numpy(jittered[i : i + 1].transpose(0, 3, 1, 2).copy())
+        expected.append(blur(x).numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(out), np.concatenate(expected), atol=1e-4)
+    same, applied = augment(_key_where(jitter=False, blur=False), images)
     np.testing.assert_array_equal(np.asarray(same), images)
     assert float(applied["jitter"]) == 0.0 and float(applied["blur"]) == 0.0
 
 
-def test_strong_augment_applies_jitter_80_and_blur_50_percent():
-    images = np.zeros((1, 10, 10, 3), np.float32)
-    keys = jax.random.split(jax.random.key(8), 1000)
-    _, applied = jax.jit(jax.vmap(lambda k: mixing.strong_augment(k, images)))(keys)
-    assert abs(float(applied["jitter"].mean()) - 0.8) < 0.04
-    assert abs(float(applied["blur"].mean()) - 0.5) < 0.05
+def test_strong_augment_draws_jitter_80_and_blur_50_percent_per_step():
+    keys = jax.random.split(jax.random.key(8), 2000)
+    draws = jax.jit(jax.vmap(lambda k: mixing.sample_strong_augment(k, 2)))(keys)
+    assert abs(float(draws["jitter"].mean()) - 0.8) < 0.03
+    assert abs(float(draws["blur"].mean()) - 0.5) < 0.035
+    sigma = np.asarray(draws["sigma"])
+    assert sigma.min() >= 0.15 and sigma.max() <= 1.15 and abs(sigma.mean() - 0.65) < 0.02
+    assert np.mean(sigma[:, 0] != sigma[:, 1]) == 1.0  # one sigma per image

@@ -311,6 +311,36 @@ def renormalize(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.
     return (images * 255.0 - mean) / std
 
 
+def sample_strong_augment(
+    rng: jax.Array,
+    batch: int,
+    jitter_strength: float = 0.2,
+    jitter_prob: float = 0.8,
+    blur_prob: float = 0.5,
+) -> dict:
+    """Every random draw of one step's `strong_augment`.
+
+    Args:
+      rng: PRNG key (the caller folds in the step).
+      batch: number of images B.
+      jitter_strength: kornia ColorJitter strength s (0.2).
+      jitter_prob: probability that this step jitters (0.8: the reference's U > 0.2).
+      blur_prob: probability that this step blurs (0.5: the reference's U > 0.5).
+
+    Returns:
+      {'jitter': bool scalar, 'blur': bool scalar (one draw each for the whole batch),
+       'color': per-image `sample_color_jitter` parameters, 'sigma': float32 [B] in
+       U(0.15, 1.15), one blur sigma per image}.
+    """
+    k_jitter_u, k_jitter, k_blur_u, k_sigma = jax.random.split(rng, 4)
+    return {
+        "jitter": jax.random.uniform(k_jitter_u) > 1.0 - jitter_prob,
+        "blur": jax.random.uniform(k_blur_u) > 1.0 - blur_prob,
+        "color": sample_color_jitter(k_jitter, batch, jitter_strength),
+        "sigma": jax.random.uniform(k_sigma, (batch,), jnp.float32, 0.15, 1.15),
+    }
+
+
 def strong_augment(
     rng: jax.Array,
     images: jax.Array,
@@ -325,28 +355,26 @@ def strong_augment(
     Args:
       rng: PRNG key (the caller folds in the step).
       images: float32 [B, H, W, 3] normalised mixed images.
-      jitter_strength: kornia ColorJitter strength s (0.2).
-      jitter_prob: probability that this step jitters (0.8: the reference's U > 0.2).
-      blur_prob: probability that this step blurs (0.5: the reference's U > 0.5).
+      jitter_strength, jitter_prob, blur_prob: as `sample_strong_augment`.
       mean, std: the normalisation of `images` (mmseg `img_norm_cfg`, RGB).
 
     Returns:
       augmented images [B, H, W, 3] float32, and {'jitter', 'blur'}: float32 0/1 scalars saying
       whether each was applied this step.
     """
-    k_jitter_u, k_jitter, k_blur_u, k_sigma = jax.random.split(rng, 4)
     batch, height, width = images.shape[:3]
     images = images.astype(jnp.float32)
-    do_jitter = jax.random.uniform(k_jitter_u) > 1.0 - jitter_prob
-    do_blur = jax.random.uniform(k_blur_u) > 1.0 - blur_prob
-    params = sample_color_jitter(k_jitter, batch, jitter_strength)
-    sigma = jax.random.uniform(k_sigma, (batch,), jnp.float32, 0.15, 1.15)
+    draws = sample_strong_augment(rng, batch, jitter_strength, jitter_prob, blur_prob)
     kernel = (blur_kernel_size(height), blur_kernel_size(width))
 
     def jitter(x):
-        return renormalize(color_jitter(denormalize(x, mean, std), params), mean, std)
+        return renormalize(color_jitter(denormalize(x, mean, std), draws["color"]), mean, std)
 
-    images = jax.lax.cond(do_jitter, jitter, lambda x: x, images)
-    images = jax.lax.cond(do_blur, lambda x: gaussian_blur(x, sigma, kernel), lambda x: x, images)
-    applied = {"jitter": do_jitter.astype(jnp.float32), "blur": do_blur.astype(jnp.float32)}
+    def blur(x):
+        return gaussian_blur(x, draws["sigma"], kernel)
+
+    # Real conditionals (one decision per step), so a skipped step costs nothing.
+    images = jax.lax.cond(draws["jitter"], jitter, lambda x: x, images)
+    images = jax.lax.cond(draws["blur"], blur, lambda x: x, images)
+    applied = {k: draws[k].astype(jnp.float32) for k in ("jitter", "blur")}
     return images, applied
