@@ -1,0 +1,127 @@
+"""Evaluation CLI: end to end on generated images with the tiny config, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from pgpc_jax import checkpointing, evaluate, evaluation
+from pgpc_jax.models.segmentor import build_segmentor, init_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _dataset(root, sizes):
+    """Cityscapes-like layout: images/<city>/<n>_leftImg8bit.png, labels/<city>/<n>_gt.png."""
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        for sub in ("images/city", "labels/city"):
+            os.makedirs(root / sub, exist_ok=True)
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = rng.integers(0, 19, (h, w)).astype(np.uint8)
+        label[: h // 4] = 255
+        Image.fromarray(image).save(root / "images/city" / f"c_{i:02d}_leftImg8bit.png")
+        Image.fromarray(label).save(root / "labels/city" / f"c_{i:02d}_gt.png")
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pgpc_jax.evaluate", "--config", "configs/tiny.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        # The tests' persistent compilation cache: the in-process check then reuses its compile.
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+        },
+        timeout=120,
+    )
+
+
+def test_cli_end_to_end(tmp_path):
+    cfg = tiny.get_config().model.to_dict()
+    model = build_segmentor(cfg)
+    variables = init_variables(model, jax.random.key(0))
+    weights = str(tmp_path / "weights")
+    checkpointing.save_variables(weights, variables, cfg, {"classes": "cityscapes"})
+    _dataset(tmp_path, [(48, 64)] * 3)
+    args = [
+        f"--weights={weights}",
+        f"--images={tmp_path / 'images'}",
+        f"--labels={tmp_path / 'labels'}",
+        "--image-suffix=_leftImg8bit.png",
+        "--label-suffix=_gt.png",
+        "--resize=40,30",
+        "--num-visualizations=2",
+        f"--out={tmp_path / 'out'}",
+    ]
+    result = _run(*args)
+    assert result.returncode == 0, result.stderr
+    assert "| traffic light |" in result.stdout and "3 images, mode whole" in result.stdout
+    saved = json.loads(open(tmp_path / "out" / "metrics.json").read())
+    assert saved["num_images"] == 3 and saved["resize"] == [40, 30]
+    assert len(os.listdir(tmp_path / "out" / "predictions")) == 4
+
+    # The same numbers in process: labels at 48x64, the network at 30x40.
+    pairs = evaluate.find_pairs(
+        str(tmp_path / "images"), str(tmp_path / "labels"), "_leftImg8bit.png", "_gt.png"
+    )
+    batches = list(evaluate.iterate_batches(pairs, 1, (40, 30)))
+    assert batches[0]["image"].shape == (1, 30, 40, 3) and batches[0]["label"].shape == (1, 48, 64)
+    metrics, _ = evaluation.evaluate(model, variables, batches, 19)
+    assert saved["metrics"]["eval/num_pixels"] == 3 * 36 * 64
+    for key, value in metrics.items():
+        if np.isnan(value):
+            assert saved["metrics"][key] is None, key
+        else:
+            assert saved["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_cli_reports_missing_label(tmp_path):
+    _dataset(tmp_path, [(16, 16)] * 2)
+    os.remove(tmp_path / "labels/city/c_01_gt.png")
+    result = _run(
+        "--weights=unused",
+        f"--images={tmp_path / 'images'}",
+        f"--labels={tmp_path / 'labels'}",
+        "--image-suffix=_leftImg8bit.png",
+        "--label-suffix=_gt.png",
+    )
+    assert result.returncode == 2
+    assert "1 image(s) have no label file" in result.stderr
+    assert "c_01_leftImg8bit.png" in result.stderr and "c_01_gt.png" in result.stderr
+
+
+def test_size_mismatch_names_both_files(tmp_path):
+    _dataset(tmp_path, [(16, 16), (16, 24)])
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "labels/city/c_01_gt.png")
+    pairs = evaluate.find_pairs(
+        str(tmp_path / "images"), str(tmp_path / "labels"), "_leftImg8bit.png", "_gt.png"
+    )
+    assert [os.path.basename(p) for p, _ in pairs] == [
+        "c_00_leftImg8bit.png",
+        "c_01_leftImg8bit.png",
+    ]
+    with pytest.raises(evaluate.EvaluateError, match="c_01_leftImg8bit.png is 24x16 but .*c_01_gt"):
+        evaluate.check_sizes(pairs)
+
+
+def test_default_suffixes_match_by_stem(tmp_path):
+    for d in ("images", "labels"):
+        os.makedirs(tmp_path / d)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.jpg")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "labels" / "a.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    pairs = evaluate.find_pairs(str(tmp_path / "images"), str(tmp_path / "labels"))
+    assert pairs == [(str(tmp_path / "images" / "a.jpg"), str(tmp_path / "labels" / "a.png"))]
+    with pytest.raises(evaluate.EvaluateError, match=r"no \*\.jpg found"):
+        evaluate.find_pairs(str(tmp_path / "labels"), str(tmp_path / "labels"), ".jpg")
