@@ -413,7 +413,9 @@ def evaluate(
             total += np.asarray(jax.device_get(cm), np.int64)
             cm, pixels_on_device = jnp.zeros_like(cm), 0
         if mesh is not None:
-            sharding.check_batch_size(image.shape[0] * jax.process_count(), mesh, "eval batch")
+            sharding.check_batch_size(
+                image.shape[0] * jax.process_count(), mesh, "data.val.batch_size"
+            )
             device_batch = sharding.global_batch({"image": image, "label": label}, mesh)
         else:
             device_batch = {"image": jnp.asarray(image), "label": jnp.asarray(label)}

@@ -239,7 +239,9 @@ def test_slide_inference_equals_whole_when_crop_covers_image():
     np.testing.assert_allclose(np.asarray(slide), np.asarray(whole), atol=1e-6)
 
 
-def test_evaluate_sharded_with_visualizations(tmp_path):
+def test_evaluate_sharded_with_visualizations(tmp_path, monkeypatch):
+    # Room for one batch of labels in the int32 matrix: it is flushed to the host after each.
+    monkeypatch.setattr(evaluation, "_INT32_MAX", 8 * 64 * 96 + 1)
     model, variables = _tiny_model()
     rng = np.random.default_rng(8)
     batches = []
