@@ -231,9 +231,8 @@ def color_jitter(images: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
             lambda x: _adjust_saturation(x, s),
             lambda x: _adjust_hue(x, h),
         )
-        for position in range(4):
-            image = jax.lax.switch(order[position], ops, image)
-        return image
+        # A loop, not four unrolled switches: the program holds each adjustment once.
+        return jax.lax.fori_loop(0, 4, lambda i, x: jax.lax.switch(order[i], ops, x), image)
 
     keys = ("brightness", "contrast", "saturation", "hue", "order")
     return jax.vmap(one)(images, *(params[k] for k in keys))
