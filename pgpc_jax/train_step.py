@@ -148,7 +148,7 @@ def make_train_step(config, model, tx: optax.GradientTransformation) -> Callable
         )
         metrics.update({f"train/{k}": v for k, v in losses.items()})
         metrics["train/loss"] = loss
-        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/learning_rate"] = optim.learning_rate(state.step, **lr_kwargs)
         return new_state, metrics
 

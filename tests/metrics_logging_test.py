@@ -61,18 +61,6 @@ def test_event_file_rejects_corruption(tmp_path):
         ml.read_events(writer.path)
 
 
-def test_tensorboard_reads_event_file(tmp_path):
-    # TensorBoard is not a dependency; when it is installed, it must read our files.
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    writer = ml.EventFileWriter(str(tmp_path))
-    writer.scalars(7, {"train/loss": 0.25})
-    writer.close()
-    acc = accumulator.EventAccumulator(str(tmp_path))
-    acc.Reload()
-    (event,) = acc.Scalars("train/loss")
-    assert (event.step, event.value) == (7, 0.25)
-
-
 @pytest.mark.parametrize(
     "seconds, text",
     [(0, "0s"), (45, "45s"), (725, "12m05s"), (16800, "4h40m"), (183600, "2d03h"), (math.inf, "?")],

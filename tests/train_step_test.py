@@ -1,0 +1,123 @@
+"""The DAFormer train step: traces once, EMA teacher, frozen ImageNet encoder, sharded = single."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import base, tiny
+from pgpc_jax import optim, sharding
+from pgpc_jax.models import segmentor
+from pgpc_jax.train_state import create_train_state
+from pgpc_jax.train_step import make_train_step
+
+
+def _config(method="dacs"):
+    config = base.get_config()
+    config.model = tiny.get_config().model
+    config.model.dropout_rate = 0.0  # identical randomness is not needed for these checks
+    config.model.drop_path_rate = 0.0
+    config.uda.method = method
+    config.uda.pseudo_ignore_top = 2
+    config.uda.pseudo_ignore_bottom = 4
+    config.num_train_steps = 50
+    config.optimizer.warmup_steps = 0  # visible parameter updates from step 0
+    return config
+
+
+def _batches(n, batch=8, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        src = {
+            "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+            "label": rng.integers(0, 19, size=(batch, size, size)).astype(np.int32),
+        }
+        out.append((src, {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32)}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = _config()
+    model = segmentor.build_segmentor(config.model)
+    tx = optim.make_optimizer(
+        segmentor.abstract_variables(model)["params"], config.num_train_steps, **config.optimizer
+    )
+    variables = segmentor.init_variables(model, jax.random.key(0))
+    traces = []
+
+    def counted(state, src, tgt):
+        traces.append(1)
+        return make_train_step(config, model, tx)(state, src, tgt)
+
+    return dict(config=config, model=model, tx=tx, variables=variables,
+                step=jax.jit(counted), traces=traces)
+
+
+def _fresh(setup):
+    return create_train_state(setup["config"], setup["variables"], setup["tx"])
+
+
+def test_step_traces_once_and_teacher_follows_the_ema_formula(setup):
+    state = _fresh(setup)
+    imnet = jax.device_get(state.imnet_params)
+    students = [jax.device_get(state.params)]
+    teachers = []
+    for src, tgt in _batches(3):
+        state, metrics = setup["step"](state, src, tgt)
+        students.append(jax.device_get(state.params))
+        teachers.append(jax.device_get(state.teacher_params))
+    assert len(setup["traces"]) == 1
+    assert int(state.step) == 3
+    # Step 0 copies the student; step t mixes with alpha_t = min(1 - 1/(t+1), 0.999).
+    leaf = lambda tree: tree["decode_head"]["conv_seg"]["kernel"]  # noqa: E731
+    np.testing.assert_array_equal(leaf(teachers[0]), leaf(students[0]))
+    for t in (1, 2):
+        alpha = min(1 - 1 / (t + 1), 0.999)
+        want = alpha * leaf(teachers[t - 1]) + (1 - alpha) * leaf(students[t])
+        np.testing.assert_allclose(leaf(teachers[t]), want, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(leaf(students[3]), leaf(students[0]))
+    # No gradient reaches the frozen ImageNet encoder.
+    for a, b in zip(jax.tree.leaves(imnet), jax.tree.leaves(jax.device_get(state.imnet_params))):
+        np.testing.assert_array_equal(a, b)
+    for key in ("train/loss_src", "train/loss_mix", "train/loss_fd", "train/pseudo_coverage",
+                "train/learning_rate", "train/grad_norm"):
+        assert np.isfinite(float(metrics[key])), key
+
+
+def test_sharded_step_equals_single_device(setup):
+    src, tgt = _batches(1, seed=1)[0]
+    single, m1 = setup["step"](_fresh(setup), src, tgt)
+    mesh = sharding.make_mesh(8)
+    data = NamedSharding(mesh, P("data"))
+    state = jax.device_put(_fresh(setup), NamedSharding(mesh, P()))
+    sharded, m8 = jax.jit(make_train_step(setup["config"], setup["model"], setup["tx"]))(
+        state, jax.device_put(src, data), jax.device_put(tgt, data)
+    )
+    for key in m1:
+        np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=2e-4, atol=1e-6, err_msg=key)
+    # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, a different reduction
+    # order moves it by up to ~lr. Everything else must agree to float tolerance.
+    lr = setup["config"].optimizer.learning_rate
+    diffs = np.concatenate([
+        np.abs(np.asarray(a) - np.asarray(b)).ravel()
+        for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params))
+    ])
+    assert diffs.max() <= 2 * lr
+    assert np.mean(diffs > 1e-6) < 0.005
+
+
+def test_source_only_trains_without_target_terms(setup):
+    config = _config("source_only")
+    step = jax.jit(make_train_step(config, setup["model"], setup["tx"]))
+    src, tgt = _batches(1, seed=2)[0]
+    state = _fresh(setup)
+    new, metrics = step(state, src, tgt)
+    assert "train/loss_mix" not in metrics and "train/pseudo_coverage" not in metrics
+    assert np.isfinite(float(metrics["train/loss"]))
+    np.testing.assert_array_equal(  # the teacher is untouched
+        jax.device_get(new.teacher_params["decode_head"]["conv_seg"]["kernel"]),
+        jax.device_get(state.teacher_params["decode_head"]["conv_seg"]["kernel"]),
+    )
