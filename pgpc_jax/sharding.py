@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -55,4 +56,9 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Put a pytree on every device (a copy, so donating it never deletes the caller's arrays)."""
     sharding = replicated(mesh)
-    return jax.tree.map(lambda x: jax.device_put(np.array(x), sharding), tree)
+
+    def put(x):
+        x = jnp.copy(x) if isinstance(x, jax.Array) else np.array(x)  # typed keys stay keys
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, tree)
