@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from pgpc_jax import optim

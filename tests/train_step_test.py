@@ -52,8 +52,9 @@ def setup():
         traces.append(1)
         return make_train_step(config, model, tx)(state, src, tgt)
 
-    return dict(config=config, model=model, tx=tx, variables=variables,
-                step=jax.jit(counted), traces=traces)
+    return dict(
+        config=config, model=model, tx=tx, variables=variables, step=jax.jit(counted), traces=traces
+    )
 
 
 def _fresh(setup):
@@ -82,8 +83,14 @@ def test_step_traces_once_and_teacher_follows_the_ema_formula(setup):
     # No gradient reaches the frozen ImageNet encoder.
     for a, b in zip(jax.tree.leaves(imnet), jax.tree.leaves(jax.device_get(state.imnet_params))):
         np.testing.assert_array_equal(a, b)
-    for key in ("train/loss_src", "train/loss_mix", "train/loss_fd", "train/pseudo_coverage",
-                "train/learning_rate", "train/grad_norm"):
+    for key in (
+        "train/loss_src",
+        "train/loss_mix",
+        "train/loss_fd",
+        "train/pseudo_coverage",
+        "train/learning_rate",
+        "train/grad_norm",
+    ):
         assert np.isfinite(float(metrics[key])), key
 
 
@@ -97,14 +104,18 @@ def test_sharded_step_equals_single_device(setup):
         state, jax.device_put(src, data), jax.device_put(tgt, data)
     )
     for key in m1:
-        np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=2e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(
+            float(m8[key]), float(m1[key]), rtol=2e-4, atol=1e-6, err_msg=key
+        )
     # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, a different reduction
     # order moves it by up to ~lr. Everything else must agree to float tolerance.
     lr = setup["config"].optimizer.learning_rate
-    diffs = np.concatenate([
-        np.abs(np.asarray(a) - np.asarray(b)).ravel()
-        for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params))
-    ])
+    diffs = np.concatenate(
+        [
+            np.abs(np.asarray(a) - np.asarray(b)).ravel()
+            for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params))
+        ]
+    )
     assert diffs.max() <= 2 * lr
     assert np.mean(diffs > 1e-6) < 0.005
 

@@ -65,6 +65,15 @@ class Dropout2d(nn.Module):
         return nn.Dropout(self.rate, broadcast_dims=(1, 2))(x, deterministic=deterministic)
 
 
+def _embed_levels(features: Sequence[jax.Array], embed_dim: int, prefix: str, kw: dict) -> list:
+    """Per-level Linear embedding (`<prefix>_<i>`), each resized bilinearly to the stride-4 size."""
+    size = features[0].shape[1:3]
+    return [
+        resize_bilinear(MLP(embed_dim, name=f"{prefix}_{i}", **kw)(f), size)
+        for i, f in enumerate(features)
+    ]
+
+
 def _classifier(num_classes: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
     # mmseg BaseDecodeHead init_cfg: conv_seg ~ N(0, 0.01), bias 0.
     return nn.Conv(
@@ -93,11 +102,7 @@ class SegFormerHead(nn.Module):
         """`train`: BatchNorm on batch statistics; `dropout` (default: `train`): channel dropout."""
         dropout = train if dropout is None else dropout
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        size = features[0].shape[1:3]
-        embedded = [
-            resize_bilinear(MLP(self.embed_dim, name=f"linear_c_{i}", **kw)(f), size)
-            for i, f in enumerate(features)
-        ]
+        embedded = _embed_levels(features, self.embed_dim, "linear_c", kw)
         x = jnp.concatenate(embedded[::-1], axis=-1)  # [c4, c3, c2, c1] as NVlabs / HF
         x = ConvModule(self.embed_dim, 1, name="linear_fuse", **kw)(x, train)
         x = Dropout2d(self.dropout_rate)(x, deterministic=not dropout)
@@ -166,11 +171,7 @@ class DAFormerHead(nn.Module):
         """`train`: BatchNorm on batch statistics; `dropout` (default: `train`): channel dropout."""
         dropout = train if dropout is None else dropout
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        size = features[0].shape[1:3]
-        embedded = [
-            resize_bilinear(MLP(self.embed_dim, name=f"embed_layers_{i}", **kw)(f), size)
-            for i, f in enumerate(features)
-        ]
+        embedded = _embed_levels(features, self.embed_dim, "embed_layers", kw)
         x = jnp.concatenate(embedded, axis=-1)  # [c1, c2, c3, c4] as DAFormer
         x = ASPPWrapper(self.channels, tuple(self.dilations), name="fuse_layer", **kw)(x, train)
         x = Dropout2d(self.dropout_rate)(x, deterministic=not dropout)
