@@ -79,6 +79,49 @@ def get_data_config() -> ml_collections.ConfigDict:
     return data
 
 
+def get_contrast_config() -> ml_collections.ConfigDict:
+    """The `contrast` group: a pixel-contrast loss on the encoder features ('none' = DAFormer).
+
+    [released] = PGPC's released training step / the CLUDA loss it calls; [reconstructed] = this
+    project's completion of the PGPC paper (docs/method.md says why each value).
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            # 'none' (DAFormer), 'pgpc' (reconstructed PGPC), 'cluda' (the released loss).
+            variant="none",
+            # Loss weight and first step [released: 1.0 from step 0].
+            weight=1.0,
+            start_step=0,
+            # Grid the fused encoder features are sampled on [released: 65x65 for 512 crops].
+            grid=(65, 65),
+            # cluda: reproduce the reference's feature/label flattening mismatch for B > 1.
+            cluda_order_quirk=False,
+            # pgpc [reconstructed]:
+            temperature=0.1,
+            reliable_threshold=0.968,
+            prototype_momentum=0.99,
+            num_anchors=1024,
+            num_negatives=2048,
+            num_unreliable=1024,
+            # An unreliable target pixel is a negative for the classes outside its teacher top-K.
+            unreliable_topk=3,
+            unreliable_negatives=True,
+            # Source pixels (source images, pasted source) as anchors, besides target pixels.
+            source_anchors=True,
+            # 'prototype' (pixel-to-prototype pull) or 'pixel' (same-class pixels).
+            positives="prototype",
+        )
+    )
+
+
+def use_pgpc(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """PGPC as released on top of a DAFormer config: the contrast loss, lambda_t = 0.8, 60k steps
+    (scaled with the config's own length elsewhere)."""
+    config.contrast.variant = "pgpc"
+    config.uda.target_weight = 0.8
+    return config
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -142,6 +185,8 @@ def get_config() -> ml_collections.ConfigDict:
             fd_min_ratio=0.75,
         )
     )
+
+    config.contrast = get_contrast_config()
 
     config.eval = ml_collections.ConfigDict(
         dict(

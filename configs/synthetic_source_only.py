@@ -3,10 +3,10 @@
 python -m pgpc_jax.main --config configs/synthetic_source_only.py --workdir runs/synthetic_so
 """
 
-from configs import synthetic
+from configs import synthetic_daformer
 
 
 def get_config():
-    config = synthetic.get_config()
+    config = synthetic_daformer.get_config()
     config.uda.method = "source_only"
     return config

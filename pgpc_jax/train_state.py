@@ -55,4 +55,16 @@ def create_train_state(config, variables, tx) -> TrainState:
             jax.tree.map(jnp.copy, params["backbone"]) if config.uda.fd_lambda > 0 else None
         ),
         rng=jax.random.key(config.seed + 17),
+        prototypes=_initial_prototypes(config, params),
     )
+
+
+def _initial_prototypes(config, params):
+    """Empty PGPC class prototypes (one per class, the width of the fused encoder stages)."""
+    if config.contrast.variant != "pgpc":
+        return None
+    from pgpc_jax.losses.contrast import init_prototypes
+
+    stages = [k for k in params["backbone"] if k.startswith("norm")]
+    dim = sum(params["backbone"][k]["scale"].shape[0] for k in stages)
+    return init_prototypes(config.model.num_classes, dim)

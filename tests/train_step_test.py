@@ -132,3 +132,83 @@ def test_source_only_trains_without_target_terms(setup):
         jax.device_get(new.teacher_params["decode_head"]["conv_seg"]["kernel"]),
         jax.device_get(state.teacher_params["decode_head"]["conv_seg"]["kernel"]),
     )
+
+
+def _contrast_config(variant):
+    config = _config()
+    config.contrast.variant = variant
+    config.contrast.grid = (5, 5)
+    config.contrast.num_anchors = 32
+    config.contrast.num_negatives = 64
+    config.contrast.num_unreliable = 32
+    config.contrast.reliable_threshold = 0.05  # the untrained teacher is unsure of everything
+    return config
+
+
+@pytest.mark.parametrize("variant", ["pgpc", "cluda"])
+def test_contrast_step_touches_only_the_encoder(setup, variant):
+    """The contrast is on encoder features: with it, the head's update is exactly DAFormer's,
+    the encoder's is not, prototypes (pgpc) are kept in the state, and no parameter is added."""
+    config = _contrast_config(variant)
+    src, tgt = _batches(1, seed=3)[0]
+    plain = jax.jit(make_train_step(_contrast_config("none"), setup["model"], setup["tx"]))
+    with_cl = jax.jit(make_train_step(config, setup["model"], setup["tx"]))
+    base_state, _ = plain(_fresh(setup), src, tgt)
+    state = create_train_state(config, setup["variables"], setup["tx"])
+    new, metrics = with_cl(state, src, tgt)
+    assert jax.tree.structure(new.params) == jax.tree.structure(base_state.params)
+    for a, b in zip(
+        jax.tree.leaves(new.params["decode_head"]),
+        jax.tree.leaves(base_state.params["decode_head"]),
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(
+            jax.tree.leaves(new.params["backbone"]), jax.tree.leaves(base_state.params["backbone"])
+        )
+    ]
+    assert any(moved)
+    if variant == "pgpc":
+        assert float(metrics["train/loss_contrast"]) > 0
+        assert float(metrics["train/contrast/anchors"]) > 0
+        seen = np.asarray(new.prototypes["seen"])
+        assert seen.any() and not np.asarray(state.prototypes["seen"]).any()
+        assert new.prototypes["mean"].shape == (19, 16 + 32 + 64 + 96)
+    else:
+        assert new.prototypes is None
+        assert float(metrics["train/loss_contrast_src"]) > 0
+        assert float(metrics["train/loss_contrast_mix"]) > 0
+
+
+def test_pgpc_step_sharded_equals_single_device(setup):
+    config = _contrast_config("pgpc")
+    src, tgt = _batches(1, seed=4)[0]
+    step = make_train_step(config, setup["model"], setup["tx"])
+    state = create_train_state(config, setup["variables"], setup["tx"])
+    single, m1 = jax.jit(step)(state, src, tgt)
+    mesh = sharding.make_mesh(8)
+    data = NamedSharding(mesh, P("data"))
+    sharded, m8 = jax.jit(step)(
+        jax.device_put(state, NamedSharding(mesh, P())),
+        jax.device_put(src, data),
+        jax.device_put(tgt, data),
+    )
+    for key in ("train/loss_contrast", "train/contrast/anchors", "train/contrast/negatives"):
+        np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=2e-4, err_msg=key)
+    np.testing.assert_array_equal(
+        np.asarray(sharded.prototypes["seen"]), np.asarray(single.prototypes["seen"])
+    )
+    np.testing.assert_allclose(
+        np.asarray(sharded.prototypes["mean"]), np.asarray(single.prototypes["mean"]), atol=1e-5
+    )
+
+
+def test_contrast_needs_self_training():
+    config = _contrast_config("pgpc")
+    config.uda.method = "source_only"
+    with pytest.raises(ValueError, match="contrast.variant='pgpc' needs uda.method='dacs'"):
+        make_train_step(config, None, None)
+    config = _contrast_config("infonce")
+    with pytest.raises(ValueError, match="contrast.variant='infonce'"):
+        make_train_step(config, None, None)

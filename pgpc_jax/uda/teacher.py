@@ -62,6 +62,12 @@ def update_teacher(
     return jax.tree.map(leaf, teacher_params, jax.lax.stop_gradient(student_params))
 
 
+def kept_rows(height: int, ignore_top: int, ignore_bottom: int) -> jax.Array:
+    """bool [height]: the rows whose pseudo-labels are used (not in the top / bottom margins)."""
+    rows = jnp.arange(height)
+    return (rows >= ignore_top) & (rows < height - ignore_bottom)
+
+
 def pseudo_labels(
     teacher_logits: jax.Array,
     threshold: float = 0.968,
@@ -93,9 +99,7 @@ def pseudo_labels(
     confident = (confidence >= threshold).astype(jnp.float32)
     coverage = jnp.mean(confident)
     weight = confident if per_pixel else jnp.broadcast_to(coverage, confident.shape)
-    height = logits.shape[1]
-    rows = jnp.arange(height)
-    keep = (rows >= ignore_top) & (rows < height - ignore_bottom)
+    keep = kept_rows(logits.shape[1], ignore_top, ignore_bottom)
     weight = weight * keep[None, :, None].astype(jnp.float32)
     stats = {"confidence": jnp.mean(confidence), "coverage": coverage}
     return labels, weight, stats

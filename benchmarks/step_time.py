@@ -1,0 +1,136 @@
+"""Training-step time of a config, on random inputs of its crop size (no input pipeline).
+
+Builds the model, optimizer and state exactly as `pgpc_jax.train` does, jits the step with the
+same shardings and donation, then times `--steps` steps after `--warmup` (compile + 2 steps).
+Several configs can be given; each is measured in turn in the same process, so their ratio is
+what one run's step costs relative to another on the same device.
+
+  python benchmarks/step_time.py --config configs/gta2cs_daformer.py --config configs/gta2cs.py
+  python benchmarks/step_time.py --config configs/synthetic.py --set data.source.crop_size=128,128
+
+`--set key=value` overrides apply to every config (python literals: 1e-3, (128, 128), 'b5').
+Prints a markdown table: config, device, compile s, ms/step (median over the timed steps),
+steps/s, peak device memory where the backend reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pgpc_jax import optim, sharding  # noqa: E402
+from pgpc_jax.models import segmentor  # noqa: E402
+from pgpc_jax.train_state import create_train_state  # noqa: E402
+from pgpc_jax.train_step import make_train_step  # noqa: E402
+
+
+def load_config(path: str, overrides: list[str]):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise SystemExit(f"--set {item}: no key {leaf!r} in {'.'.join(parents) or 'config'}")
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def random_batches(config, rng: np.random.Generator):
+    src, tgt = config.data.source, config.data.target
+    num_classes = config.model.num_classes
+
+    def images(bs, crop):
+        return rng.standard_normal((bs, *crop, 3)).astype(np.float32)
+
+    labels = rng.integers(0, num_classes, (src.batch_size, *src.crop_size)).astype(np.int32)
+    return (
+        {"image": images(src.batch_size, tuple(src.crop_size)), "label": labels},
+        {"image": images(tgt.batch_size, tuple(tgt.crop_size))},
+    )
+
+
+def measure(config, steps: int, warmup: int) -> dict:
+    mesh = sharding.make_mesh(config.mesh.num_devices or None)
+    model = segmentor.build_segmentor(config.model)
+    variables = segmentor.init_variables(model, jax.random.key(config.seed))
+    tx = optim.make_optimizer(variables["params"], config.num_train_steps, **config.optimizer)
+    state = sharding.replicate(create_train_state(config, variables, tx), mesh)
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+    batch = sharding.batch_sharding(mesh)
+    step = jax.jit(
+        make_train_step(config, model, tx),
+        in_shardings=(state_sharding, batch, batch),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    src, tgt = random_batches(config, np.random.default_rng(0))
+    src = sharding.global_batch(src, mesh)
+    tgt = sharding.global_batch(tgt, mesh)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        state, metrics = step(state, src, tgt)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = step(state, src, tgt)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    assert all(np.isfinite(float(v)) for v in jax.device_get(metrics).values()), metrics
+    stats = jax.devices()[0].memory_stats() or {}
+    return dict(
+        compile_s=compile_s,
+        ms=1000 * statistics.median(times),
+        peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="config file(s)")
+    parser.add_argument("--set", action="append", default=[], help="key=value override")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+    rows = []
+    for path in args.config:
+        config = load_config(path, args.set)
+        r = measure(config, args.steps, args.warmup)
+        rows.append((path, r))
+        print(f"{path}: {r['ms']:.1f} ms/step (compile {r['compile_s']:.1f} s)", flush=True)
+    base = rows[0][1]["ms"]
+    print(f"\ndevice: {device}, jax {jax.__version__}, overrides: {args.set or 'none'}\n")
+    print("| config | compile s | ms/step | steps/s | vs first | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for path, r in rows:
+        print(
+            f"| {path} | {r['compile_s']:.1f} | {r['ms']:.1f} | {1000 / r['ms']:.2f} | "
+            f"{r['ms'] / base:.2f}x | {r['peak_gib']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Cityscapes -> Dark Zurich (day to night) with DAFormer.
+
+The DAFormer recipe with Cityscapes (1024x512) as the labelled source and the Dark Zurich night
+training images as the target, both at half resolution (Dark Zurich 1920x1080 -> 960x540), tested
+on the 50 labelled Dark Zurich val night images at 960x540 with full-resolution labels. Dark
+Zurich has no rectification border or ego car: every pseudo-label row is kept.
+
+  python -m pgpc_jax.main --config configs/cs2darkzurich_daformer.py --workdir runs/cs2dz_daformer
+"""
+
+from configs import gta2cs_daformer
+
+
+def get_config():
+    config = gta2cs_daformer.get_config()
+    data = config.data
+    data.source.dataset = "cityscapes/daformer"
+    data.source.split = "train"
+    data.source.scale = (1024, 512)
+    data.target.dataset = "dark_zurich/daformer"
+    data.target.split = "train_night"
+    data.target.scale = (960, 540)
+    data.val.dataset = "dark_zurich/daformer"
+    data.val.split = "val"
+    data.val.scale = (960, 540)
+    config.uda.pseudo_ignore_top = 0
+    config.uda.pseudo_ignore_bottom = 0
+    return config
