@@ -17,7 +17,7 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 run: $(VENV)/.runtime
-	$(BIN)/python -m pgpc_jax.demo --config configs/gta2cs.py --out runs/demo
+	$(BIN)/python -m pgpc_jax.main --config configs/synthetic.py --workdir runs/synthetic
 
 test: $(VENV)/.test
 	$(BIN)/ruff format --check .

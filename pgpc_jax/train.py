@@ -185,6 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 {"source": src_iter.get_state(), "target": tgt_iter.get_state()},
                 metrics,
             )
+    if not metrics:  # nothing left to train (a finished run re-run): evaluate what is there
+        metrics = _evaluate(config, model, state, datasets, workdir, step)
     ckpts.close()
     logger.close()
     logging.info("done in %.1f s", time.time() - timer)
