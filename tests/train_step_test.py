@@ -212,3 +212,25 @@ def test_contrast_needs_self_training():
     config = _contrast_config("infonce")
     with pytest.raises(ValueError, match="contrast.variant='infonce'"):
         make_train_step(config, None, None)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(setup):
+    """`model.dtype='bfloat16'`: the PGPC step runs in bf16, parameters, optimizer state,
+    teacher and prototypes stay float32, and the losses are close to the float32 step's."""
+    src, tgt = _batches(1, seed=5)[0]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        config = _contrast_config("pgpc")
+        config.model.dtype = dtype
+        model = segmentor.build_segmentor(config.model)
+        state = create_train_state(config, setup["variables"], setup["tx"])
+        results[dtype] = jax.jit(make_train_step(config, model, setup["tx"]))(state, src, tgt)
+    new, m16 = results["bfloat16"]
+    _, m32 = results["float32"]
+    for tree in (new.params, new.opt_state, new.teacher_params, new.prototypes["mean"]):
+        for leaf in jax.tree.leaves(tree):
+            if jax.dtypes.issubdtype(leaf.dtype, np.floating):
+                assert leaf.dtype == np.float32
+    for key in ("train/loss_src", "train/loss_mix", "train/loss_contrast"):
+        assert np.isfinite(float(m16[key])), key
+        np.testing.assert_allclose(float(m16[key]), float(m32[key]), rtol=0.05, err_msg=key)
