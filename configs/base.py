@@ -94,6 +94,10 @@ def get_contrast_config() -> ml_collections.ConfigDict:
             start_step=0,
             # Grid the fused encoder features are sampled on [released: 65x65 for 512 crops].
             grid=(65, 65),
+            # Labels to the grid: 'nearest' (one pixel per cell, PyTorch's legacy rule, released)
+            # or 'majority' (the most frequent label of the cell's pixels; other per-pixel facts
+            # stay nearest-sampled).
+            label_grid="nearest",
             # cluda: reproduce the reference's feature/label flattening mismatch for B > 1.
             cluda_order_quirk=False,
             # pgpc [reconstructed]:

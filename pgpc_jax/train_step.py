@@ -56,6 +56,8 @@ def _contrast_settings(config) -> dict:
             f"contrast.variant={c.variant!r} needs uda.method='dacs' (it contrasts the mixed "
             f"images' pseudo-labels), got uda.method={config.uda.method!r}"
         )
+    if c.label_grid not in ("nearest", "majority"):
+        raise ValueError(f"contrast.label_grid={c.label_grid!r}: expected 'nearest' or 'majority'")
     if c.positives not in ("prototype", "pixel"):
         raise ValueError(f"contrast.positives={c.positives!r}: expected 'prototype' or 'pixel'")
     return dict(
@@ -64,6 +66,7 @@ def _contrast_settings(config) -> dict:
         start_step=int(c.start_step),
         grid=tuple(int(g) for g in c.grid),
         quirk=bool(c.cluda_order_quirk),
+        label_grid=str(c.label_grid),
         topk=int(c.unreliable_topk),
         pgpc=dict(
             num_classes=int(config.model.num_classes),
@@ -101,6 +104,12 @@ def make_train_step(config, model, tx: optax.GradientTransformation) -> Callable
     target_weight = float(uda.target_weight)
     contrast = _contrast_settings(config)
     variant, grid = contrast["variant"], contrast["grid"]
+    if contrast["label_grid"] == "majority":
+
+        def labels_to_grid(labels, grid):
+            return cl.majority_labels_to_grid(labels, grid, num_classes=num_classes)
+    else:
+        labels_to_grid = cl.labels_to_grid
     jitter = dict(
         jitter_strength=float(uda.color_jitter_strength),
         jitter_prob=float(uda.color_jitter_prob),
@@ -164,7 +173,7 @@ def make_train_step(config, model, tx: optax.GradientTransformation) -> Callable
                 rows = teacher.kept_rows(t_probs.shape[1], ignore_top, ignore_bottom)
                 mix_use = pasted | rows[None, :, None]
                 mix_grid = dict(
-                    label=cl.labels_to_grid(mixed_lbl, grid),
+                    label=labels_to_grid(mixed_lbl, grid),
                     confidence=cl.labels_to_grid(mix_conf, grid),
                     is_target=~cl.labels_to_grid(pasted, grid),
                     valid=cl.labels_to_grid(mix_use, grid),
@@ -208,7 +217,7 @@ def make_train_step(config, model, tx: optax.GradientTransformation) -> Callable
                     scale = contrast["weight"] * on
                     src_emb = cl.embed_features(feats, grid)
                     mix_emb = cl.embed_features(mix_feats, grid)
-                    src_lbl = cl.labels_to_grid(src["label"], grid)
+                    src_lbl = labels_to_grid(src["label"], grid)
                     if variant == "cluda":
                         q = contrast["quirk"]
                         losses["loss_contrast_src"] = scale * cl.cluda_loss(
@@ -216,7 +225,7 @@ def make_train_step(config, model, tx: optax.GradientTransformation) -> Callable
                         )
                         losses["loss_contrast_mix"] = scale * cl.cluda_loss(
                             mix_emb,
-                            cl.labels_to_grid(mixed_lbl, grid),
+                            labels_to_grid(mixed_lbl, grid),
                             cl.values_to_grid(mixed_w, grid),
                             order_quirk=q,
                         )

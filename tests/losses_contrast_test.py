@@ -447,3 +447,23 @@ def test_sharded_equals_unsharded():
     np.testing.assert_allclose(np.asarray(new["mean"]), np.asarray(ref_new["mean"]), atol=1e-6)
     for k in ref_stats:
         np.testing.assert_allclose(float(stats[k]), float(ref_stats[k]), rtol=1e-6)
+
+
+def test_majority_labels_to_grid():
+    from pgpc_jax.losses.contrast import majority_labels_to_grid
+
+    # 6x6 -> 2x2: each cell is a 3x3 block; the majority wins, void wins a mostly-void cell,
+    # ties go to the lower class.
+    labels = np.full((1, 6, 6), 255, np.int32)
+    labels[0, :3, :3] = [[1, 1, 2], [1, 2, 2], [1, 1, 3]]  # 1 x5
+    labels[0, :3, 3:] = [[4, 4, 4], [5, 5, 5], [255, 255, 255]]  # 4 x3, 5 x3, void x3 -> 4
+    labels[0, 3:, :3] = [[255, 255, 255], [255, 255, 255], [0, 0, 0]]  # void x6
+    labels[0, 3:, 3:] = [[7, 7, 7], [7, 7, 7], [6, 6, 6]]  # 7 x6
+    got = np.asarray(majority_labels_to_grid(labels, (2, 2), num_classes=19))
+    np.testing.assert_array_equal(got, [[[1, 4], [255, 7]]])
+    # A grid finer than the input keeps one pixel per cell, like the nearest rule.
+    small = np.arange(12, dtype=np.int32).reshape(1, 3, 4) % 19
+    np.testing.assert_array_equal(
+        np.asarray(majority_labels_to_grid(small, (5, 7), num_classes=19)),
+        np.asarray(labels_to_grid(small, (5, 7))),
+    )

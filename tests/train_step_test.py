@@ -234,3 +234,19 @@ def test_bfloat16_compute_keeps_float32_parameters(setup):
     for key in ("train/loss_src", "train/loss_mix", "train/loss_contrast"):
         assert np.isfinite(float(m16[key])), key
         np.testing.assert_allclose(float(m16[key]), float(m32[key]), rtol=0.05, err_msg=key)
+
+
+@pytest.mark.parametrize("overrides", [{"label_grid": "majority"}, {"positives": "pixel"}])
+def test_contrast_options_trace(setup, overrides):
+    """Every contrast option builds a step with the same state and metrics structure."""
+    config = _contrast_config("pgpc")
+    config.contrast.update(overrides)
+    src, tgt = _batches(1, seed=6)[0]
+    state = create_train_state(config, setup["variables"], setup["tx"])
+    step = make_train_step(config, setup["model"], setup["tx"])
+    new, metrics = jax.eval_shape(step, state, src, tgt)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    assert metrics["train/loss_contrast"].shape == ()
+    config.contrast.label_grid = "bilinear"
+    with pytest.raises(ValueError, match="contrast.label_grid='bilinear'"):
+        make_train_step(config, setup["model"], setup["tx"])

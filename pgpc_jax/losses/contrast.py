@@ -26,6 +26,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pgpc_jax.models.layers import resize_bilinear, resize_nearest_legacy
 
@@ -77,6 +78,42 @@ def embed_features(feats: Sequence[jax.Array], grid: Sequence[int] = (65, 65)) -
 def labels_to_grid(labels: jax.Array, grid: Sequence[int] = (65, 65)) -> jax.Array:
     """Labels [B, H, W] to [B, gh, gw] by PyTorch's legacy nearest rule, src = floor(i * in / out)."""
     return resize_nearest_legacy(labels, grid)
+
+
+def _cell_membership(out_size: int, in_size: int) -> np.ndarray:
+    """[out, in] 0/1: input index k belongs to grid cell i iff floor(i*in/out) <= k < the next
+    cell's start (at least the start pixel itself when the grid is finer than the input)."""
+    start = np.floor(np.arange(out_size + 1) * in_size / out_size).astype(np.int64)
+    member = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        member[i, start[i] : max(start[i + 1], start[i] + 1)] = 1.0
+    return member
+
+
+def majority_labels_to_grid(
+    labels: jax.Array,
+    grid: Sequence[int] = (65, 65),
+    *,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> jax.Array:
+    """Labels [B, H, W] to [B, gh, gw] by majority vote over each cell's pixels [option].
+
+    Cell i covers input rows floor(i*H/gh) .. floor((i+1)*H/gh) - 1 (likewise columns), the
+    pixels whose nearest-rule cell it is. The ignore label votes like a class (a cell mostly
+    void stays void); ties go to the lower class id. An alternative to `labels_to_grid`, which
+    keeps one pixel per cell as the released code does.
+    """
+    height, width = labels.shape[1:3]
+    rows = jnp.asarray(_cell_membership(int(grid[0]), height))
+    cols = jnp.asarray(_cell_membership(int(grid[1]), width))
+    labels = jnp.asarray(labels, jnp.int32)
+    known = (labels >= 0) & (labels < num_classes)
+    votes_for = jnp.where(known, labels, num_classes)  # everything else votes "ignore"
+    onehot = jax.nn.one_hot(votes_for, num_classes + 1, dtype=jnp.float32)
+    counts = jnp.einsum("ih,bhwc,jw->bijc", rows, onehot, cols, precision=jax.lax.Precision.HIGHEST)
+    winner = jnp.argmax(counts, axis=-1).astype(jnp.int32)
+    return jnp.where(winner == num_classes, ignore_index, winner)
 
 
 def values_to_grid(x: jax.Array, grid: Sequence[int] = (65, 65)) -> jax.Array:
