@@ -10,7 +10,9 @@ repeated (and an interrupted one resumes), so the command can be re-run until th
       --run pgpc=configs/synthetic.py \
       --run "cluda=configs/synthetic.py --config.contrast.variant=cluda"
 
-`--run NAME=CONFIG [--config.key=value ...]` names a row; `--table_only` prints what exists.
+`--run NAME=CONFIG [--config.key=value ...]` names a row; `--extra="--config.k=v ..."` (with
+the `=`) adds overrides to every run, e.g. a dataset built elsewhere:
+`--extra=--config.data.data_dir=/tmp/tfds`; `--table_only` prints what exists.
 """
 
 from __future__ import annotations
