@@ -31,27 +31,30 @@ torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "un
 
 
 @functools.lru_cache(maxsize=256)
-def _interp_matrix(out_size: int, in_size: int, align_corners: bool) -> np.ndarray:
+def _interp_matrix(
+    out_size: int, in_size: int, align_corners: bool, float64: bool = False
+) -> np.ndarray:
     """Row-stochastic [out_size, in_size] matrix of 1-D linear interpolation weights.
 
     Follows ATen's `upsample_bilinear2d` source-index rule: with align_corners the corners map
     onto each other; without, src = (dst + 0.5) * in / out - 0.5, clamped below at 0.
     """
-    # ATen does this arithmetic in float32 (`area_pixel_compute_source_index`); so do we, so that
-    # the weights are bit-identical to torch's.
-    f32 = np.float32
-    dst = np.arange(out_size, dtype=f32)
+    # ATen does this arithmetic in the op's accumulation type (`area_pixel_compute_source_index`):
+    # float32 for float32/bf16/fp16 inputs, float64 for float64 ones; so do we, so that the
+    # weights are bit-identical to torch's.
+    f = np.float64 if float64 else np.float32
+    dst = np.arange(out_size, dtype=f)
     if align_corners:
-        scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0.0)
+        scale = f(in_size - 1) / f(out_size - 1) if out_size > 1 else f(0.0)
         src = dst * scale
     else:
         # `dst + 0.5` is a double in ATen, so this product is evaluated in float64, then rounded.
-        scale = f32(in_size) / f32(out_size)
-        src = np.maximum(f32(np.float64(scale) * (dst.astype(np.float64) + 0.5) - 0.5), f32(0.0))
+        scale = f(in_size) / f(out_size)
+        src = np.maximum(f(np.float64(scale) * (dst.astype(np.float64) + 0.5) - 0.5), f(0.0))
     lo = np.minimum(src.astype(np.int64), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
-    frac = (src - lo.astype(f32)).astype(f32)
-    m = np.zeros((out_size, in_size), np.float32)
+    frac = (src - lo.astype(f)).astype(f)
+    m = np.zeros((out_size, in_size), f)
     np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
     np.add.at(m, (np.arange(out_size), hi), frac)
     return m
@@ -67,8 +70,9 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = Fal
     in_h, in_w = x.shape[1], x.shape[2]
     if (out_h, out_w) == (in_h, in_w):
         return x
-    mh = jnp.asarray(_interp_matrix(out_h, in_h, align_corners), dtype=x.dtype)
-    mw = jnp.asarray(_interp_matrix(out_w, in_w, align_corners), dtype=x.dtype)
+    float64 = x.dtype == jnp.float64
+    mh = jnp.asarray(_interp_matrix(out_h, in_h, align_corners, float64), dtype=x.dtype)
+    mw = jnp.asarray(_interp_matrix(out_w, in_w, align_corners, float64), dtype=x.dtype)
     precision = jax.lax.Precision.HIGHEST
     x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=precision)
     return jnp.einsum("pw,bowc->bopc", mw, x, precision=precision)
