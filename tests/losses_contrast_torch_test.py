@@ -119,3 +119,73 @@ def test_torch_reference_quirk_differs_for_two_images():
             np.testing.assert_allclose(quirk, plain, rtol=1e-12)
         else:
             assert abs(quirk - plain) > 1e-3 * abs(plain)
+
+
+@pytest.mark.parametrize(
+    "positives, source_anchors, unreliable_negatives",
+    [("prototype", True, True), ("prototype", False, True), ("pixel", True, False)],
+)
+def test_pgpc_matches_torch_reference(positives, source_anchors, unreliable_negatives):
+    """`pgpc_loss` with samples large enough to take every eligible pixel equals the reference
+    written anchor by anchor in torch: loss, gradient wrt the embeddings and new prototypes."""
+    rng = np.random.default_rng(11)
+    n, dim, classes = 48, 6, 4
+    emb = rng.normal(size=(n, dim))
+    labels = rng.integers(0, classes, size=n)
+    labels[rng.random(n) < 0.1] = 255
+    is_target = rng.random(n) < 0.6
+    confidence = np.where(is_target, rng.uniform(0.9, 1.0, size=n), 1.0)
+    valid = rng.random(n) < 0.9
+    ruled_in = rng.integers(0, classes, size=(n, 2))
+    proto_mean = rng.normal(size=(classes, dim)) * 0.1
+    proto_seen = np.array([True, False, True, False])
+    kw = dict(
+        temperature=0.2,
+        reliable_threshold=0.95,
+        prototype_momentum=0.9,
+        source_anchors=source_anchors,
+        positives=positives,
+        unreliable_negatives=unreliable_negatives,
+    )
+
+    emb_t = torch.tensor(emb, requires_grad=True)
+    want, want_mean, want_seen = ref.pgpc_loss_all_pixels(
+        emb_t,
+        torch.tensor(labels),
+        torch.tensor(confidence),
+        torch.tensor(is_target),
+        torch.tensor(valid),
+        torch.tensor(ruled_in),
+        torch.tensor(proto_mean),
+        torch.tensor(proto_seen),
+        **kw,
+    )
+    want.backward()
+
+    def loss_fn(e):
+        loss, new, _ = cl.pgpc_loss(
+            jax.random.key(0),
+            e,
+            labels,
+            confidence,
+            is_target,
+            valid,
+            ruled_in,
+            {"mean": jnp.asarray(proto_mean), "seen": jnp.asarray(proto_seen)},
+            num_classes=classes,
+            num_anchors=n,
+            num_negatives=n,
+            num_unreliable=n,
+            **kw,
+        )
+        return loss, new
+
+    with jax.enable_x64(True):
+        (got, new), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(jnp.asarray(emb))
+        got, grad = float(got), np.asarray(grad)
+        new_mean, new_seen = np.asarray(new["mean"]), np.asarray(new["seen"])
+    assert want.item() > 0.0
+    np.testing.assert_allclose(got, want.item(), rtol=1e-10)
+    np.testing.assert_allclose(grad, emb_t.grad.numpy(), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(new_mean, want_mean.numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(new_seen, want_seen.numpy())

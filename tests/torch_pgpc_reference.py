@@ -99,3 +99,76 @@ def released_contrast_inputs(
             pseudo_weight.unsqueeze(1), size=size, mode="bilinear", align_corners=True
         )
     return fused, grid_labels, grid_weight
+
+
+def _info_nce(anchor, positive, negatives, temperature):
+    """-log(e^p / (e^p + sum_n e^n)) with p, n the anchor's similarities over the temperature."""
+    p = anchor @ positive / temperature
+    if not negatives:
+        return p - p  # -log(e^p / e^p)
+    n = torch.stack([anchor @ k / temperature for k in negatives])
+    return -(p - torch.logsumexp(torch.cat([p[None], n]), dim=0))
+
+
+def pgpc_loss_all_pixels(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    confidence: torch.Tensor,
+    is_target: torch.Tensor,
+    valid: torch.Tensor,
+    ruled_in: torch.Tensor,
+    proto_mean: torch.Tensor,
+    proto_seen: torch.Tensor,
+    *,
+    temperature: float,
+    reliable_threshold: float,
+    prototype_momentum: float,
+    source_anchors: bool,
+    positives: str,
+    unreliable_negatives: bool,
+    ignore_index: int = 255,
+):
+    """The default loss of `pgpc_spec.md` (this project's reconstruction: there is no released
+    code) with every eligible pixel taken as anchor and negative, written anchor by anchor with
+    dynamic indexing, independently of `pgpc_jax.losses.contrast`.
+
+    Returns (loss, new prototype means, new seen flags).
+    """
+    num_classes = proto_mean.shape[0]
+    z = F.normalize(emb, dim=-1)
+    known = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    reliable = valid & known & (confidence >= reliable_threshold)
+    unreliable = valid & is_target & (confidence < reliable_threshold)
+
+    # Prototypes: EMA of the class means of the reliable embeddings (no gradient).
+    new_mean, new_seen = proto_mean.clone(), proto_seen.clone()
+    for c in range(num_classes):
+        members = reliable & (labels == c)
+        if members.any():
+            batch_mean = z.detach()[members].mean(0)
+            if proto_seen[c]:
+                old = proto_mean[c]
+                batch_mean = prototype_momentum * old + (1 - prototype_momentum) * batch_mean
+            new_mean[c], new_seen[c] = batch_mean, True
+    proto_hat = F.normalize(new_mean, dim=-1)
+
+    terms = []
+    for a in torch.nonzero(reliable & (is_target | source_anchors)).flatten().tolist():
+        y = int(labels[a])
+        if not new_seen[y]:
+            continue
+        negatives = [z[k] for k in range(len(z)) if reliable[k] and labels[k] != y]
+        if unreliable_negatives:
+            negatives += [
+                z[k] for k in range(len(z)) if unreliable[k] and not (ruled_in[k] == y).any()
+            ]
+        if positives == "prototype":
+            terms.append(_info_nce(z[a], proto_hat[y], negatives, temperature))
+        else:
+            pos = [k for k in range(len(z)) if reliable[k] and labels[k] == y and k != a]
+            if pos:
+                terms.append(
+                    torch.stack([_info_nce(z[a], z[k], negatives, temperature) for k in pos]).mean()
+                )
+    loss = torch.stack(terms).mean() if terms else emb.sum() * 0.0
+    return loss, new_mean, new_seen
