@@ -50,7 +50,7 @@ def test_outputs_follow_daformer_inference(tiny_weights, tmp_path):
     low, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     ref = (
         F.interpolate(
-            torch.from_numpy(np.asarray(low).transpose(0, 3, 1, 2)),
+            torch.from_numpy(np.array(low).transpose(0, 3, 1, 2)),
             size=(75, 101),
             mode="bilinear",
             align_corners=False,
