@@ -106,7 +106,7 @@ def test_cli_with_a_daformer_checkpoint(tiny_weights, tmp_path):
     path, _, _, variables = tiny_weights
     state = convert.from_flax(variables, "daformer")
     torch.save(
-        {"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}},
+        {"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}},
         tmp_path / "latest.pth",
     )
     _image(tmp_path / "c.png", 40, 56)
