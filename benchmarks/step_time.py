@@ -7,10 +7,16 @@ what one run's step costs relative to another on the same device.
 
   python benchmarks/step_time.py --config configs/gta2cs_daformer.py --config configs/gta2cs.py
   python benchmarks/step_time.py --config configs/synthetic.py --set data.source.crop_size=128,128
+  python benchmarks/step_time.py --flops --config configs/gta2cs_daformer.py --config configs/gta2cs.py
 
 `--set key=value` overrides apply to every config (python literals: 1e-3, (128, 128), 'b5').
 Prints a markdown table: config, device, compile s, ms/step (median over the timed steps),
-steps/s, peak device memory where the backend reports it.
+steps/s, peak device memory where the backend reports it (the CPU backend reports none).
+
+`--flops` runs nothing and allocates no weights: it traces the same step on abstract inputs and
+prints XLA's count of floating-point operations and bytes accessed per step (the HLO before
+optimisation, a multiply-add counting 2). That count is the same on every backend, so it gives
+the cost of a method where its real shape does not fit or no accelerator is at hand.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pgpc_jax import optim, sharding  # noqa: E402
@@ -107,13 +114,52 @@ def measure(config, steps: int, warmup: int) -> dict:
     )
 
 
+def count_flops(config) -> dict:
+    """XLA's operation count of one training step, traced on shapes only (nothing allocated)."""
+    model = segmentor.build_segmentor(config.model)
+    variables = jax.eval_shape(lambda: segmentor.init_variables(model, jax.random.key(0)))
+    tx = optim.make_optimizer(variables["params"], config.num_train_steps, **config.optimizer)
+    state = jax.eval_shape(lambda v: create_train_state(config, v, tx), variables)
+    src, tgt = config.data.source, config.data.target
+    src_batch = {
+        "image": jax.ShapeDtypeStruct((src.batch_size, *src.crop_size, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((src.batch_size, *src.crop_size), jnp.int32),
+    }
+    tgt_batch = {"image": jax.ShapeDtypeStruct((tgt.batch_size, *tgt.crop_size, 3), jnp.float32)}
+    lowered = jax.jit(make_train_step(config, model, tx)).lower(state, src_batch, tgt_batch)
+    cost = lowered.cost_analysis() or {}
+    if "flops" not in cost:
+        raise SystemExit(f"--flops: this backend ({jax.default_backend()}) gives no cost analysis")
+    return dict(gflops=cost["flops"] / 1e9, gbytes=cost.get("bytes accessed", float("nan")) / 1e9)
+
+
+def flops_table(paths, overrides) -> None:
+    rows = []
+    for path in paths:
+        r = count_flops(load_config(path, overrides))
+        rows.append((path, r))
+        print(f"{path}: {r['gflops']:.1f} GFLOP/step", flush=True)
+    base = rows[0][1]["gflops"]
+    print(f"\nXLA cost analysis (jax {jax.__version__}), overrides: {overrides or 'none'}\n")
+    print("| config | GFLOP/step | vs first | GB accessed/step |")
+    print("|---|---|---|---|")
+    for path, r in rows:
+        print(f"| {path} | {r['gflops']:.1f} | {r['gflops'] / base:.3f}x | {r['gbytes']:.1f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", action="append", required=True, help="config file(s)")
     parser.add_argument("--set", action="append", default=[], help="key=value override")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--flops", action="store_true", help="count operations per step instead of timing"
+    )
     args = parser.parse_args(argv)
+    if args.flops:
+        flops_table(args.config, args.set)
+        return
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
     rows = []
     for path in args.config:
@@ -123,12 +169,13 @@ def main(argv=None) -> None:
         print(f"{path}: {r['ms']:.1f} ms/step (compile {r['compile_s']:.1f} s)", flush=True)
     base = rows[0][1]["ms"]
     print(f"\ndevice: {device}, jax {jax.__version__}, overrides: {args.set or 'none'}\n")
-    print("| config | compile s | ms/step | steps/s | vs first | peak GiB |")
+    print("| config | compile s | ms/step | steps/s | vs first | peak device GiB |")
     print("|---|---|---|---|---|---|")
     for path, r in rows:
+        peak = "n/a" if np.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"
         print(
             f"| {path} | {r['compile_s']:.1f} | {r['ms']:.1f} | {1000 / r['ms']:.2f} | "
-            f"{r['ms'] / base:.2f}x | {r['peak_gib']:.2f} |"
+            f"{r['ms'] / base:.2f}x | {peak} |"
         )
 
 
