@@ -32,7 +32,6 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pgpc_jax import optim, sharding  # noqa: E402
@@ -76,12 +75,21 @@ def random_batches(config, rng: np.random.Generator):
     )
 
 
+def build(config, abstract: bool = False):
+    """Model, optimizer and step-0 state as `pgpc_jax.train` makes them; with `abstract`, the
+    state is shapes and dtypes only (nothing allocated)."""
+    model = segmentor.build_segmentor(config.model)
+    shaped = jax.eval_shape if abstract else (lambda fn, *args: fn(*args))
+    variables = shaped(lambda: segmentor.init_variables(model, jax.random.key(config.seed)))
+    tx = optim.make_optimizer(variables["params"], config.num_train_steps, **config.optimizer)
+    state = shaped(lambda v: create_train_state(config, v, tx), variables)
+    return model, tx, state
+
+
 def measure(config, steps: int, warmup: int) -> dict:
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    model = segmentor.build_segmentor(config.model)
-    variables = segmentor.init_variables(model, jax.random.key(config.seed))
-    tx = optim.make_optimizer(variables["params"], config.num_train_steps, **config.optimizer)
-    state = sharding.replicate(create_train_state(config, variables, tx), mesh)
+    model, tx, state = build(config)
+    state = sharding.replicate(state, mesh)
     state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
     batch = sharding.batch_sharding(mesh)
     step = jax.jit(
@@ -116,17 +124,9 @@ def measure(config, steps: int, warmup: int) -> dict:
 
 def count_flops(config) -> dict:
     """XLA's operation count of one training step, traced on shapes only (nothing allocated)."""
-    model = segmentor.build_segmentor(config.model)
-    variables = jax.eval_shape(lambda: segmentor.init_variables(model, jax.random.key(0)))
-    tx = optim.make_optimizer(variables["params"], config.num_train_steps, **config.optimizer)
-    state = jax.eval_shape(lambda v: create_train_state(config, v, tx), variables)
-    src, tgt = config.data.source, config.data.target
-    src_batch = {
-        "image": jax.ShapeDtypeStruct((src.batch_size, *src.crop_size, 3), jnp.float32),
-        "label": jax.ShapeDtypeStruct((src.batch_size, *src.crop_size), jnp.int32),
-    }
-    tgt_batch = {"image": jax.ShapeDtypeStruct((tgt.batch_size, *tgt.crop_size, 3), jnp.float32)}
-    lowered = jax.jit(make_train_step(config, model, tx)).lower(state, src_batch, tgt_batch)
+    model, tx, state = build(config, abstract=True)
+    batches = jax.eval_shape(lambda: random_batches(config, np.random.default_rng(0)))
+    lowered = jax.jit(make_train_step(config, model, tx)).lower(state, *batches)
     cost = lowered.cost_analysis() or {}
     if "flops" not in cost:
         raise SystemExit(f"--flops: this backend ({jax.default_backend()}) gives no cost analysis")
