@@ -136,7 +136,9 @@ class ItemReader:
     """Reads, checks, maps and encodes one `Item`: picklable, so build workers can run it.
 
     Returns a dict with `error` = None or (kind, message), kind in corrupt / mismatch /
-    missing_label, and otherwise `example` (the encoded features), `pixels` and `unknown`.
+    missing_label / label_format, and otherwise `example` (the encoded features), `pixels` and
+    `unknown`. Errors are returned, not raised, so that a worker process hands them back as plain
+    data and the parent raises them in file order.
     """
 
     def __init__(self, read_label, id_to_train_id, known_ids, num_classes, scale, resize_label):
@@ -156,6 +158,8 @@ class ItemReader:
             raw = None if item.label is None else self.read_label(item.label)
         except image_io.CorruptImageError as e:
             return {"error": ("corrupt", str(e))}
+        except image_io.LabelFormatError as e:
+            return {"error": ("label_format", str(e))}
         if raw is not None and raw.shape[:2] != image.shape[:2]:
             message = (
                 f"image / label size mismatch: {item.image} is {image.shape[1]}x"
@@ -172,7 +176,13 @@ class ItemReader:
         return {"error": None, "example": example, "pixels": pixels, "unknown": unknown}
 
 
-_ERRORS = {"corrupt": image_io.CorruptImageError, "mismatch": SizeMismatchError}
+_ERRORS = {
+    "corrupt": image_io.CorruptImageError,
+    "mismatch": SizeMismatchError,
+    "label_format": image_io.LabelFormatError,
+}
+# What `--skip_corrupt` skips: single bad files. A colour label is a wrong dataset, always raised.
+SKIPPABLE = ("corrupt", "mismatch", "missing_label")
 
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -290,7 +300,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             for item, result in progress(zip(items, results), f"{self.name}/{split}", len(items)):
                 if result["error"] is not None:
                     kind, message = result["error"]
-                    if not self.skip_corrupt:
+                    if not self.skip_corrupt or kind not in SKIPPABLE:
                         raise _ERRORS.get(kind, LayoutError)(message)
                     stats[f"skipped_{kind}"].append(item.name)
                     continue

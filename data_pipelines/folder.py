@@ -30,26 +30,102 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 
 
-def read_class_table(path: str) -> tuple[tuple[str, ...], dict[int, int]]:
-    """Reads classes.json into (class names, raw id -> class index)."""
-    with open(path) as f:
-        table = json.load(f)
-    classes = table.get("classes")
-    if classes == "cityscapes":
-        classes = CLASSES
-    if not classes or not isinstance(classes, (list, tuple)):
-        raise ValueError(f'{path}: "classes" must be a non-empty list of names or "cityscapes"')
+# The accepted shape of classes.json, quoted in every error about it.
+EXPECTED_TABLE = (
+    'expected {"classes": ["name", ...] or "cityscapes", optional "palette": [[r, g, b], ...], '
+    'optional "id_map": {"raw id": class index or 255, ...} or "cityscapes"}'
+)
+
+
+class ClassTableError(ValueError):
+    """classes.json is not valid JSON or does not have the expected shape."""
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    for kind, name in ((bool, "a boolean"), (int | float, "a number"), (str, "a string")):
+        if isinstance(value, kind):
+            return name
+    return {dict: "an object", list: "a list"}.get(type(value), "null")
+
+
+def _as_int(value) -> int | None:
+    """An integer given as a JSON number or a string of digits (as `int()` took them), else None.
+
+    Booleans and fractional numbers are refused: `int()` would silently turn 1.5 into 1.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def parse_class_table(table) -> tuple[tuple[str, ...], dict[int, int]]:
+    """Parsed classes.json -> (class names, raw id -> class index); ValueError says what is wrong."""
+    if not isinstance(table, dict):
+        raise ValueError(f"the file holds {_json_type(table)}, not an object")
+    if "classes" not in table:
+        raise ValueError('no "classes" key')
+    classes = CLASSES if table["classes"] == "cityscapes" else table["classes"]
+    if not (
+        isinstance(classes, list | tuple) and classes and all(isinstance(c, str) for c in classes)
+    ):
+        raise ValueError(
+            '"classes" must be a non-empty list of names (strings) or "cityscapes", got '
+            + json.dumps(classes)
+        )
     id_map = table.get("id_map")
     if id_map == "cityscapes":
         id_map = CITYSCAPES_ID_TO_TRAIN_ID
     elif id_map is None:
         id_map = {i: i for i in range(len(classes))}
-    else:
-        id_map = {int(k): int(v) for k, v in id_map.items()}
-    bad = {k: v for k, v in id_map.items() if not (0 <= v < len(classes) or v == IGNORE_INDEX)}
+    elif not isinstance(id_map, dict):
+        raise ValueError(f'"id_map" must be an object or "cityscapes", got {_json_type(id_map)}')
+    bad_keys = [k for k in id_map if _as_int(k) is None]
+    if bad_keys:
+        raise ValueError(f'"id_map" keys must be integer raw ids, got {json.dumps(bad_keys)}')
+    targets = {_as_int(k): _as_int(v) for k, v in id_map.items()}
+    bad = {
+        k: v
+        for k, v in id_map.items()
+        if (t := _as_int(v)) is None or not (0 <= t < len(classes) or t == IGNORE_INDEX)
+    }
     if bad:
-        raise ValueError(f"{path}: id_map targets outside 0..{len(classes) - 1} or 255: {bad}")
-    return tuple(classes), id_map
+        raise ValueError(
+            f'"id_map" targets must be integers in 0..{len(classes) - 1} or 255, got '
+            + json.dumps(bad)
+        )
+    return tuple(classes), targets
+
+
+def read_class_table(path: str) -> tuple[tuple[str, ...], dict[int, int]]:
+    """Reads classes.json into (class names, raw id -> class index).
+
+    Raises:
+      ClassTableError: not JSON, or not the shape in the module docstring; the message starts with
+        the path and ends with the expected shape.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        return parse_class_table(table)
+    except json.JSONDecodeError as e:
+        problem = f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    except UnicodeDecodeError:  # a ValueError too, so caught before the shape errors below
+        problem = "not valid JSON (not UTF-8 text)"
+    except ValueError as e:
+        problem = str(e)
+    except OSError as e:
+        problem = f"cannot read it ({e.strerror})"
+    raise ClassTableError(f"{path}: {problem}; {EXPECTED_TABLE}")
 
 
 class Folder(SegmentationBuilder, skip_registration=True):

@@ -6,7 +6,9 @@ PIL only. Two cases need care:
   image format" and uses cv2). We decode the file twice, once with the big-endian raw mode (high
   bytes) and once with the little-endian one (which, read over big-endian data, yields the low
   bytes), so PNG unfiltering still runs in PIL's C decoder and the exact 16-bit ids come back.
-- Corrupt or truncated files raise `CorruptImageError` naming the path.
+- Corrupt or truncated files raise `CorruptImageError` naming the path; a colour-coded label (RGB
+  with differing channels) raises `LabelFormatError`, since taking one channel of it would give
+  silently wrong ids.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from PIL import Image
 
 class CorruptImageError(ValueError):
     """A file that PIL cannot decode (truncated, not an image, bad checksum)."""
+
+
+class LabelFormatError(ValueError):
+    """A label file that holds colours, not ids (e.g. a colour-coded RGB label).
+
+    Not a `CorruptImageError`, so `--skip_corrupt` does not skip it: a corrupt file is one bad file
+    among good ones, but a colour label means the whole label folder is the wrong kind of file
+    (usually the `_color.png` files instead of the id files); skipping would quietly build a
+    dataset with no labels at all.
+    """
 
 
 def _open_loaded(path: str | os.PathLike) -> Image.Image:
@@ -44,21 +56,35 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
-    """Reads a single-channel label PNG (8-bit grey or palette mode, values are the raw ids).
+    """Reads a label PNG of raw ids: grey, palette, or RGB(A) with the id in every channel.
 
     Args:
       path: label file.
 
     Returns:
       integer [H, W] raw ids (uint8, or int32 for 16-bit files).
+
+    Raises:
+      CorruptImageError: PIL cannot decode the file.
+      LabelFormatError: an RGB(A) file whose channels differ (colours, not ids).
     """
     image = _open_loaded(path)
     if image.mode in ("L", "P"):
         return np.asarray(image)
     if image.mode.startswith("I"):
         return np.asarray(image).astype(np.int32)
-    # An RGB label file: Cityscapes-style ids are stored in every channel; take the first.
-    return np.asarray(image.convert("RGB"))[..., 0]
+    # An RGB(A) label file: Cityscapes-style ids stored in every channel are ids; channels that
+    # differ are colours (a colour-coded label), whose first channel is not an id.
+    rgb = np.asarray(image.convert("RGB"))
+    differ = (rgb[..., 0] != rgb[..., 1]) | (rgb[..., 0] != rgb[..., 2])
+    if differ.any():
+        y, x = np.argwhere(differ)[0]
+        raise LabelFormatError(
+            f"label {os.fspath(path)} is a colour image ({image.mode}, e.g. "
+            f"{tuple(int(c) for c in rgb[y, x])} at x={x}, y={y}): a label must be a "
+            "single-channel (grey) or palette PNG of ids"
+        )
+    return rgb[..., 0]
 
 
 def read_first_channel_16bit(path: str | os.PathLike) -> np.ndarray:

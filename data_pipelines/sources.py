@@ -10,6 +10,10 @@ need labels (the target domain) skips decoding them. Each element is
   name         str
 and `source.class_pixels` is the whole split's int64 [N, num_classes] table, read from
 `metadata.json` without touching the records (rare-class sampling needs it up front).
+
+A dataset that is not built raises `DatasetNotBuiltError` (a FileNotFoundError) whose message is
+the exact build command for it; a split the build lacks raises `UnknownSplitError` listing the
+splits it has.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import glob
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +30,92 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 _SKIP = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
+
+
+class DatasetNotBuiltError(FileNotFoundError):
+    """No build of the dataset under data_dir; the message gives the command that builds it."""
+
+
+class UnknownSplitError(ValueError):
+    """The build has no such split; the message lists the splits it has."""
+
+
+# Datasets built from a download (`--manual_dir`), with the name of that download.
+_DOWNLOADS = {
+    "gta5": "GTA5",
+    "cityscapes": "Cityscapes",
+    "synthia": "SYNTHIA-RAND-CITYSCAPES",
+    "dark_zurich": "Dark Zurich",
+}
+# synthetic_shift's custom config names, `synthetic_config`'s `<H>x<W>_n<N>_v<V>_s<S>[_k<K>]`.
+_SYNTHETIC_CUSTOM = re.compile(r"(\d+)x(\d+)_n(\d+)_v(\d+)_s(\d+)(?:_k([-+.\deE]+))?")
+
+
+def build_command(data_dir: str, dataset: str) -> str:
+    """The `python -m data_pipelines.build` command that makes `dataset` in `data_dir`.
+
+    Args:
+      data_dir: the `--data_dir` of the build.
+      dataset: 'name/config[/version]', e.g. 'gta5/daformer', 'folder/mine_512x256'.
+
+    Returns:
+      The command line, with `<...>` where only the user knows the value (their download).
+    """
+    name, _, config = dataset.partition("/")
+    config = config.split("/")[0]
+    command = "python -m data_pipelines.build --dataset"
+    if name in _DOWNLOADS:
+        if config in ("full", ""):
+            resize = ""
+        elif config == "daformer" or re.fullmatch(r"\d+x\d+", config):
+            resize = f" --resize {config}"
+        else:  # not a config the build makes
+            resize = " --resize <full, daformer or WxH>"
+        return (
+            f"{command} {name} --manual_dir <your {_DOWNLOADS[name]} download> "
+            f"--data_dir {data_dir}{resize}"
+        )
+    if name == "folder":
+        # The build names a resized folder dataset `<name>_<W>x<H>`.
+        match = re.fullmatch(r"(.+)_(\d+x\d+)", config)
+        folder_name, resize = (match[1], f" --resize {match[2]}") if match else (config, "")
+        return (
+            f"{command} folder --name {folder_name or '<name>'} --manual_dir <your folder> "
+            f"--data_dir {data_dir}{resize}"
+        )
+    if name == "synthetic_shift":
+        match = _SYNTHETIC_CUSTOM.fullmatch(config)
+        if match:
+            height, width, num_train, num_val, seed, strength = match.groups()
+            options = (
+                f" --size {width}x{height} --num_train {num_train} --num_val {num_val} "
+                f"--seed {seed}" + (f" --shift_strength {strength}" if strength else "")
+            )
+        else:
+            options = "" if config in ("default", "") else f" --config {config}"
+        return f"{command} synthetic_shift --data_dir {data_dir}{options}"
+    known = ", ".join([*_DOWNLOADS, "folder", "synthetic_shift"])
+    return f"{command} <one of {known}> ... --data_dir {data_dir}"
+
+
+def _not_built_message(data_dir: str, dataset: str, path: str) -> str:
+    """Why `dataset` was not found in `data_dir`, and the command that builds it."""
+    if not os.path.isdir(data_dir):
+        where = f"; the data_dir {data_dir} does not exist"
+    elif not os.listdir(data_dir):
+        where = f"; the data_dir {data_dir} is empty"
+    else:
+        built = sorted(
+            {
+                os.path.relpath(os.path.dirname(os.path.dirname(p)), data_dir)
+                for p in glob.glob(os.path.join(data_dir, "*", "*", "*", "dataset_info.json"))
+            }
+        )
+        where = f"; built there: {', '.join(built)}" if built else f"; nothing built in {data_dir}"
+    return (
+        f"no built dataset {dataset!r} at {path}{where}; build it with "
+        f"`{build_command(data_dir, dataset)}` (see docs/data.md for the layout)"
+    )
 
 
 def dataset_dir(data_dir: str, dataset: str) -> str:
@@ -36,18 +127,23 @@ def dataset_dir(data_dir: str, dataset: str) -> str:
 
     Returns:
       The directory holding dataset_info.json (the newest version if none is given).
+
+    Raises:
+      DatasetNotBuiltError: no build there; the message is the command that makes it.
     """
+    data_dir = os.path.expanduser(data_dir)  # '~/tfds' as in docs/data.md
     path = os.path.join(data_dir, dataset)
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
         return path
-    versions = sorted(
-        glob.glob(os.path.join(path, "*", "dataset_info.json")),
-        key=lambda p: tuple(int(x) for x in os.path.basename(os.path.dirname(p)).split(".")),
-    )
+    # Only finished versions: a killed build may leave `1.0.0.incomplete.*` behind.
+    found = [
+        (tuple(int(x) for x in version.split(".")), p)
+        for p in glob.glob(os.path.join(path, "*", "dataset_info.json"))
+        if re.fullmatch(r"\d+(\.\d+)*", version := os.path.basename(os.path.dirname(p)))
+    ]
+    versions = [p for _, p in sorted(found)]
     if not versions:
-        raise FileNotFoundError(
-            f"no built dataset at {path}; build it with `python -m data_pipelines.build`"
-        )
+        raise DatasetNotBuiltError(_not_built_message(data_dir, dataset, path))
     return os.path.dirname(versions[-1])
 
 
@@ -76,7 +172,9 @@ class SegmentationSource(Sequence):
         self.builder_dir, self.split, self.with_label = builder_dir, split, with_label
         builder = tfds.builder_from_directory(builder_dir)
         if split not in builder.info.splits:
-            raise KeyError(f"{builder_dir} has splits {list(builder.info.splits)}, not {split!r}")
+            raise UnknownSplitError(
+                f"{builder_dir} has splits {sorted(builder.info.splits)}, not {split!r}"
+            )
         self._records = builder.as_data_source(split=split, decoders=_SKIP)
         metadata = read_metadata(builder_dir)
         self.class_names = tuple(metadata["class_names"])

@@ -3,8 +3,9 @@
 import data_fixtures as fx
 import numpy as np
 import pytest
+from PIL import Image
 
-from data_pipelines import build, labels, sources, synthetic_scenes, synthetic_shift
+from data_pipelines import build, image_io, labels, sources, synthetic_scenes, synthetic_shift
 
 
 def _build(*args) -> int:
@@ -152,3 +153,26 @@ def test_shift_strength_zero_renders_the_source_style():
     )
     shifted = synthetic_scenes.render_target(rng, label, albedo, geometry, strength=1.0)
     assert np.abs(shifted.astype(int) - flat).mean() > 20  # the default shift is large
+
+
+def test_read_label_takes_ids_and_refuses_colours(tmp_path):
+    ids = np.array([[7, 8, 26], [0, 255, 33]], np.uint8)
+    grey, rgb_ids = str(tmp_path / "grey.png"), str(tmp_path / "rgb_ids.png")
+    fx.write_png(grey, ids)
+    fx.write_png(rgb_ids, np.stack([ids] * 3, -1))  # Cityscapes-style: the id in every channel
+    palette = Image.fromarray(ids).convert("P")
+    palette.putpalette([v for i in range(256) for v in (i, 255 - i, 0)])  # colours != ids
+    palette.save(tmp_path / "palette.png")
+    for path in (grey, rgb_ids, str(tmp_path / "palette.png")):
+        np.testing.assert_array_equal(image_io.read_label(path), ids)
+    rgba = np.concatenate([np.stack([ids] * 3, -1), np.full((2, 3, 1), 255, np.uint8)], -1)
+    rgba[1, 2, :3] = (0, 0, 142)  # car's Cityscapes colour
+    Image.fromarray(rgba).save(tmp_path / "colour.png")
+    colour = tmp_path / "colour.png"
+    with pytest.raises(image_io.LabelFormatError) as raised:
+        image_io.read_label(colour)
+    assert str(raised.value) == (
+        f"label {colour} is a colour image (RGBA, e.g. (0, 0, 142) at x=2, y=1): "
+        "a label must be a single-channel (grey) or palette PNG of ids"
+    )
+    assert not isinstance(raised.value, image_io.CorruptImageError)  # --skip_corrupt keeps it
