@@ -6,8 +6,12 @@ and returns a batched `grain.MapDataset` of static-shape numpy dicts
     image  float32 [B, h, w, 3] normalised as DAFormer (or uint8 with normalize=False, so the
            normalisation can run on device: `(x - transforms.MEAN_RGB) / transforms.STD_RGB`)
     label  int32 [B, h, w] train ids, 255 = ignore
-B is the per-process batch; the global batch is B * process_count. Process p of P reads a
-disjoint shard. Element i of a pipeline depends only on (seed, p, i): the pipelines are
+B is the per-process batch; the global batch is G = B * P over P processes. The training
+pipelines define one global stream of examples whose element i depends only on (seed, i); global
+batch n is stream elements n*G .. n*G + G - 1, and process p reads its block of B of them (rows
+p*B .. p*B + B - 1). So the processes read disjoint positions of the stream, and the global batch
+that `jax.make_array_from_process_local_data` assembles is the batch one process would read: a
+run gives the same batches on 1 process x 8 devices as on 2 processes x 4. The pipelines are
 deterministic, and `make_iterator(...).get_state()` / `.set_state()` resume exactly.
 
 DAFormer's recipe (`configs/_base_/datasets/uda_gta_to_cityscapes_512x512.py`):
@@ -98,6 +102,30 @@ def _check_process(process_index: int, process_count: int) -> None:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
+class _ProcessBlock:
+    """Element j of process p's share -> element of the global stream (see the module
+    docstring): batch n = j // B of this process is rows p*B .. p*B + B - 1 of global batch n."""
+
+    def __init__(self, stream: grain.MapDataset, batch_size, process_index, process_count):
+        self.stream, self.batch_size = stream, batch_size
+        self.process_index, self.process_count = process_index, process_count
+
+    def __call__(self, j: int) -> dict:
+        n, row = divmod(j, self.batch_size)
+        first = (n * self.process_count + self.process_index) * self.batch_size
+        return self.stream[first + row]
+
+
+def _process_batches(
+    stream: grain.MapDataset, batch_size: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """This process's batches of B rows from the global stream."""
+    if process_count > 1:
+        block = _ProcessBlock(stream, batch_size, process_index, process_count)
+        stream = grain.MapDataset.range(len(stream) // process_count).map(block)
+    return stream.batch(batch_size, drop_remainder=True)
+
+
 def source_dataset(
     source: Sequence[dict],
     *,
@@ -137,19 +165,17 @@ def source_dataset(
     _check_process(process_index, process_count)
     cropper = _CropSample(scale, crop_size, cat_max_ratio, flip_prob, normalize, rcs)
     if rcs is None:
-        dataset = grain.MapDataset.source(source)[process_index::process_count]
-        dataset = dataset.shuffle(seed=seed).repeat().random_map(cropper, seed=seed)
+        stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+        stream = stream.random_map(cropper, seed=seed)
     else:
         if class_pixels is None:
             class_pixels = getattr(source, "class_pixels", None)
         if class_pixels is None:
             class_pixels = np.stack([source[i]["class_pixels"] for i in range(len(source))])
-        pool = np.arange(process_index, len(source), process_count)
-        sampler = RareClassSampler(class_pixels, rcs, pool)
-        # Process p takes stream indices p, p + P, ...: disjoint random streams.
-        dataset = grain.MapDataset.range(_ENDLESS)[process_index::process_count]
-        dataset = dataset.random_map(_RareClassSample(source, sampler, cropper), seed=seed)
-    return dataset.batch(batch_size, drop_remainder=True)
+        sampler = RareClassSampler(class_pixels, rcs)
+        stream = grain.MapDataset.range(_ENDLESS)
+        stream = stream.random_map(_RareClassSample(source, sampler, cropper), seed=seed)
+    return _process_batches(stream, batch_size, process_index, process_count)
 
 
 def target_dataset(
