@@ -74,7 +74,7 @@ def get_data_config() -> ml_collections.ConfigDict:
     )
     # Target validation: whole images at the test scale, labels at full resolution.
     data.val = ml_collections.ConfigDict(
-        dict(dataset="cityscapes/daformer", split="validation", batch_size=2, scale=(1024, 512))
+        dict(dataset="cityscapes/daformer", split="val", batch_size=2, scale=(1024, 512))
     )
     return data
 

@@ -7,6 +7,8 @@ and listing the valid keys at that level, and exits with status 2.
 
 from __future__ import annotations
 
+import glob
+import os
 import sys
 
 from absl import flags
@@ -46,11 +48,27 @@ def _bad_override(argv: list[str]) -> str | None:
     return None
 
 
+def _missing_config(argv: list[str]) -> str | None:
+    """Describe a `--config` file that does not exist (ml_collections would only fail later,
+    with a traceback, when the config is first used)."""
+    path = _config_file(argv)
+    if path is None:
+        return None
+    file = path.split(":", 1)[0]  # `configs/x.py:arg` passes `arg` to get_config
+    if os.path.isfile(file):
+        return None
+    here = sorted(glob.glob(os.path.join(os.path.dirname(file) or ".", "*.py")))
+    hint = f"; there: {', '.join(os.path.basename(p) for p in here)}" if here else ""
+    return f"--config={path}: no such file{hint}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with readable errors for bad flags and config overrides."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-        message = _bad_override(argv) or f"{type(e).__name__}: {e}"
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    message = _missing_config(argv)
+    if message is None:
+        try:
+            return flags.FLAGS(argv)
+        except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+            message = _bad_override(argv) or f"{type(e).__name__}: {e}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -24,12 +24,12 @@ in that case and stays correct when it does not hold.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding
 from PIL import Image
 
@@ -311,6 +311,10 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _fetch_counts(cm: Any) -> np.ndarray:
+    return np.asarray(sharding.to_host(cm), np.int64)
+
+
 def save_visualizations(
     directory: str,
     start: int,
@@ -335,11 +339,12 @@ def save_visualizations(
     """
     keep = [i for i in range(len(labels)) if not np.all(labels[i] == ignore_index)][:count]
     if write and keep:
-        os.makedirs(directory, exist_ok=True)
+        directory = epath.Path(directory)  # a gs:// run directory too
+        directory.mkdir(parents=True, exist_ok=True)
         for n, i in enumerate(keep, start):
             for what, ids in (("pred", preds[i]), ("label", labels[i])):
-                path = os.path.join(directory, f"{n:04d}_{what}.png")
-                Image.fromarray(label_table.colorize(ids)).save(path)
+                with (directory / f"{n:04d}_{what}.png").open("wb") as f:
+                    Image.fromarray(label_table.colorize(ids)).save(f, format="PNG")
     return len(keep)
 
 
@@ -400,7 +405,7 @@ def evaluate(
     )
     total = np.zeros((num_classes, num_classes), np.int64)
     zeros = np.zeros((num_classes, num_classes), np.int32)
-    cm = jax.device_put(zeros, sharding.replicated(mesh)) if mesh is not None else zeros
+    cm = sharding.replicate(zeros, mesh) if mesh is not None else zeros
     pixels_on_device = 0
     num_batches = visualized = 0
     for batch in batches:
@@ -410,7 +415,7 @@ def evaluate(
             raise ValueError(f"batch of {image.shape[0]} images but {label.shape[0]} labels")
         global_pixels = label.size * jax.process_count()
         if pixels_on_device + global_pixels > _INT32_MAX:  # flush before a cell can overflow
-            total += np.asarray(jax.device_get(cm), np.int64)
+            total += _fetch_counts(cm)
             cm, pixels_on_device = jnp.zeros_like(cm), 0
         if mesh is not None:
             sharding.check_batch_size(
@@ -435,7 +440,7 @@ def evaluate(
             )
     if num_batches == 0:
         raise ValueError("evaluate: the batch iterable is empty")
-    total += np.asarray(jax.device_get(cm), np.int64)
+    total += _fetch_counts(cm)
     metrics = metrics_from_confusion(total, names)
     metrics["eval/num_pixels"] = float(total.sum())
     return metrics, iou_table(metrics, names)

@@ -1,15 +1,26 @@
 """Entry point: `python -m pgpc_jax.main --config configs/X.py --workdir DIR [--config.key=value ...]`.
 
-Starts `jax.distributed` on multi-process runs (TPU pods, SLURM / multi-node GPU: see
-`launch/`), logs the devices and versions, builds the embedded dataset if the config uses it and
-it is absent, and hands over to `train.train_and_evaluate`. Re-running the same command resumes
-from the workdir's last checkpoint.
+Starts `jax.distributed` on multi-process runs, logs the devices and versions, builds the
+embedded dataset if the config uses it and it is absent, and hands over to
+`train.train_and_evaluate`. Re-running the same command resumes from the workdir's last
+checkpoint.
+
+Several processes (a TPU pod slice, SLURM, several GPU hosts, or N CPU processes on one machine)
+run the same command. The cluster is found from the environment on TPU pods and under SLURM
+(`srun`); anywhere else each process is told with `--coordinator_address host:port
+--num_processes N --process_id i` (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID). The workdir may be a `gs://` path.
+
+Bad input (a config value, a dataset that is not built, weights that do not fit, a workdir that
+holds another model's run) stops with one line on stderr and exit status 2, before anything is
+written; a non-finite loss stops with one line and exit status 1.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,26 +31,63 @@ FLAGS = flags.FLAGS
 EMBEDDED = "synthetic_shift"
 
 
-def _maybe_start_distributed() -> None:
-    """`jax.distributed.initialize()` when launched as one process of many (a TPU pod slice, or
-    a launcher that sets the coordinator variables); single-process runs skip it."""
+class DistributedSetupError(ValueError):
+    """Incomplete or inconsistent multi-process settings."""
+
+
+def distributed_settings(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    environ: Mapping[str, str],
+) -> dict | None:
+    """The arguments of `jax.distributed.initialize`, or None for a single-process run.
+
+    Explicit settings (flags, else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID) must be complete. Otherwise a TPU pod slice (several TPU_WORKER_HOSTNAMES or
+    a MEGASCALE coordinator) or a SLURM job of several tasks gives `{}`: JAX reads the cluster
+    from the environment.
+    """
+
+    def env_int(name):
+        value = environ.get(name)
+        try:
+            return None if value in (None, "") else int(value)
+        except ValueError as e:
+            raise DistributedSetupError(f"{name}={value!r}: expected an integer") from e
+
+    address = coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS") or None
+    count = num_processes if num_processes is not None else env_int("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else env_int("JAX_PROCESS_ID")
+    explicit = {"--coordinator_address": address, "--num_processes": count, "--process_id": index}
+    given = [k for k, v in explicit.items() if v is not None]
+    if given:
+        missing = [k for k, v in explicit.items() if v is None]
+        if missing:
+            raise DistributedSetupError(
+                f"{' and '.join(given)} given without {' and '.join(missing)}: a multi-process "
+                "run needs all three on every process (or JAX_COORDINATOR_ADDRESS, "
+                "JAX_NUM_PROCESSES, JAX_PROCESS_ID), e.g. --coordinator_address=host0:12355 "
+                "--num_processes=2 --process_id=0"
+            )
+        if count < 1 or not 0 <= index < count:
+            raise DistributedSetupError(
+                f"--process_id={index} with --num_processes={count}: expected 0 <= id < count"
+            )
+        return dict(coordinator_address=address, num_processes=count, process_id=index)
+    if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
+        return {}
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(hosts) > 1 or environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return {}
+    return None
+
+
+def _ensure_embedded_dataset(config) -> bool:
+    """Build the embedded domain-shift dataset on first use (a minute or two on a CPU); False
+    if the build failed (it printed why)."""
     import jax
 
-    multi = any(
-        v in os.environ
-        for v in (
-            "JAX_COORDINATOR_ADDRESS",
-            "SLURM_NTASKS",
-            "TPU_WORKER_HOSTNAMES",
-            "MEGASCALE_COORDINATOR_ADDRESS",
-        )
-    )
-    if multi and os.environ.get("SLURM_NTASKS", "2") != "1":
-        jax.distributed.initialize()
-
-
-def _ensure_embedded_dataset(config) -> None:
-    """Build the embedded domain-shift dataset on first use (a minute or two on a CPU)."""
     from data_pipelines import build, sources
 
     names = {config.data.source.dataset, config.data.target.dataset, config.data.val.dataset}
@@ -47,22 +95,46 @@ def _ensure_embedded_dataset(config) -> None:
         try:
             sources.dataset_dir(config.data.data_dir, name)
         except FileNotFoundError:
+            if jax.process_count() > 1:
+                raise sources.DatasetNotBuiltError(
+                    f"the embedded dataset {name} is not built in {config.data.data_dir}: with "
+                    "several processes, build it once first: python -m data_pipelines.build "
+                    f"--dataset {EMBEDDED} --data_dir {config.data.data_dir}"
+                ) from None
             variant = name.split("/")[1] if "/" in name else "default"
             print(f"building the embedded dataset {name} in {config.data.data_dir} ...", flush=True)
             args = ["--dataset", EMBEDDED, "--data_dir", config.data.data_dir, "--config", variant]
             if build.build(build.parse_args(args)) != 0:
-                sys.exit(2)
+                return False
+    return True
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.workdir:
-        raise app.UsageError("usage: main --config configs/X.py --workdir DIR")
-    _maybe_start_distributed()
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input: reported as one line (their messages say what to do)."""
+    from data_pipelines import builder_base, sources
+    from pgpc_jax import checkpointing, config_checks, predict, torch_names
+
+    return (
+        config_checks.ConfigError,
+        checkpointing.CheckpointError,
+        torch_names.ConversionError,
+        predict.PredictError,
+        sources.DatasetNotBuiltError,
+        sources.UnknownSplitError,
+        builder_base.LayoutError,
+        DistributedSetupError,
+    )
+
+
+def run(config, workdir: str, settings: dict | None = None) -> int:
+    """Start JAX (several processes when `settings` say so), train and evaluate; returns the
+    exit status: 0 done, 2 bad input (one line on stderr), 1 a non-finite loss."""
     import jax
 
-    from pgpc_jax import train
+    if settings is not None:
+        jax.distributed.initialize(**settings)
+
+    from pgpc_jax import metrics_logging, train
 
     logging.info(
         "jax %s, process %d/%d, %d local / %d global devices: %s",
@@ -73,12 +145,46 @@ def main(argv: list[str]) -> None:
         jax.device_count(),
         jax.devices(),
     )
-    _ensure_embedded_dataset(FLAGS.config)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        if not _ensure_embedded_dataset(config):
+            return 2
+        train.train_and_evaluate(config, workdir)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except metrics_logging.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None or not FLAGS.workdir:
+        raise app.UsageError("usage: main --config configs/X.py --workdir DIR")
+    try:
+        settings = distributed_settings(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, os.environ
+        )
+    except DistributedSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(run(FLAGS.config, FLAGS.workdir, settings))
+
+
+def define_flags() -> None:
+    """Command-line flags; defined only when run as a program."""
+    config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, logs.")
+    flags.DEFINE_string(
+        "coordinator_address", None, "Multi-process runs: host:port of process 0's coordinator."
+    )
+    flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Training configuration.", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, predictions.")
+    define_flags()
     logging.set_verbosity(logging.INFO)
     app.run(main, flags_parser=parse_flags)

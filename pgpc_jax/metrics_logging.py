@@ -1,11 +1,17 @@
 """Training metrics: a JSONL file, TensorBoard event files (without TensorFlow), a progress line.
 
-`MetricsLogger(workdir, total_steps).log(step, metrics)` takes host floats (one `device_get` per
-log step in the trainer) and writes
+`MetricsLogger(workdir, total_steps, start_step).log(step, metrics)` takes host floats (one
+device fetch per log step in the trainer) and writes
   <workdir>/metrics.jsonl            one JSON object per call: {"step", "wall_time", <metrics>}
                                      (NaN / inf written as null, so every line is strict JSON)
-  <workdir>/tensorboard/events.out.tfevents.<time>.<host>   scalar summaries
+  <workdir>/tensorboard/events.out.tfevents.<time>.<host>.<ns>   scalar summaries
 and prints `step 1200/40000  loss 0.812  lr 5.8e-05  2.31 steps/s  ETA 4h40m`.
+
+A resumed run starts at `start_step`: the records of later steps (written by the interrupted
+run after its last checkpoint) are dropped from both files, so no step appears twice. Files are
+written through `etils.epath` (a `gs://` workdir works) and replaced whole at each call (a new
+file, then a rename): a run killed at any moment leaves complete files. Under several processes
+only process 0 writes (`enabled=False` elsewhere).
 
 The event file is TensorFlow's TFRecord framing (length, masked CRC32C, payload, masked CRC32C)
 around hand-encoded `tensorflow.Event` protobufs holding `Summary.Value.simple_value` scalars,
@@ -23,6 +29,8 @@ import struct
 import sys
 import time
 from typing import IO, Mapping
+
+from etils import epath
 
 # ------------------------------------------------------------------------------------------
 # Event files.
@@ -97,25 +105,14 @@ def _record(data: bytes) -> bytes:
     )
 
 
-class EventFileWriter:
-    """Appends scalar summaries to a new TensorBoard event file in `logdir`."""
+def event_header() -> bytes:
+    """The first record of every event file: the file version."""
+    return _record(encode_event(time.time(), 0, version="brain.Event:2"))
 
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")
-        self._file.write(_record(encode_event(time.time(), 0, version="brain.Event:2")))
-        self._file.flush()
 
-    def scalars(self, step: int, values: Mapping[str, float], wall_time: float | None = None):
-        """Write one event with a scalar per tag (non-finite values are written as they are)."""
-        event = encode_event(time.time() if wall_time is None else wall_time, step, values)
-        self._file.write(_record(event))
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+def scalars_record(step: int, values: Mapping[str, float], wall_time: float | None = None):
+    """One framed event with a scalar per tag (non-finite values are written as they are)."""
+    return _record(encode_event(time.time() if wall_time is None else wall_time, step, values))
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -148,13 +145,16 @@ def _fields(data: bytes):
         yield number, wire, value
 
 
-def read_events(path: str) -> list[dict]:
+def read_events(path: str | os.PathLike) -> list[dict]:
     """Read an event file back: [{'wall_time', 'step', 'file_version'?, 'scalars': {tag: v}}].
 
     Checks both CRCs of every record, so a test of this also checks the framing.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    return [event for event, _ in _read_records(epath.Path(path).read_bytes(), str(path))]
+
+
+def _read_records(data: bytes, path: str) -> list[tuple[dict, bytes]]:
+    """[(event, its framed record bytes)] of an event file's contents."""
     events, pos = [], 0
     while pos < len(data):
         header = data[pos : pos + 8]
@@ -164,6 +164,7 @@ def read_events(path: str) -> list[dict]:
         (payload_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
         if header_crc != _masked_crc(header) or payload_crc != _masked_crc(payload):
             raise ValueError(f"{path}: bad CRC in the record at byte {pos}")
+        record = data[pos : pos + 16 + length]
         pos += 16 + length
         event = {"scalars": {}}
         for number, _, value in _fields(payload):
@@ -178,7 +179,7 @@ def read_events(path: str) -> list[dict]:
                     parts = {n: v for n, _, v in _fields(summary_value)}
                     tag = parts[1].decode()
                     event["scalars"][tag] = struct.unpack("<f", parts[2])[0]
-        events.append(event)
+        events.append((event, record))
     return events
 
 
@@ -223,23 +224,42 @@ def progress_line(
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A logged loss (or other metric) is NaN or infinite."""
+    """A loss (or other metric) or the model's parameters became NaN or infinite."""
 
 
-def check_finite(metrics: Mapping[str, float], step: int) -> None:
-    """Raise `NonFiniteLossError` naming the step and every non-finite term.
+def non_finite_message(
+    metrics: Mapping[str, float], step: int, state_finite: bool = True, kept: int | None = None
+) -> str | None:
+    """None if every metric and the state are finite, else the one-line stop message.
 
     Args:
       metrics: host floats, e.g. {'train/loss': 0.8, 'train/loss_mix': nan}.
-      step: the step they were logged at.
+      step: the step they were computed at.
+      state_finite: whether the parameters after the step are finite.
+      kept: the latest checkpoint step (the last finite state), or None if there is none.
     """
     bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
-    if bad:
-        terms = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: {terms}. Training stopped; the checkpoints "
-            f"written before step {step} are kept."
-        )
+    if not bad and state_finite:
+        return None
+    terms = ", ".join(f"{k}={v}" for k, v in bad.items())
+    if not state_finite:
+        terms = (terms + ", " if terms else "") + "non-finite parameters after the update"
+    where = (
+        f"the latest checkpoint, step {kept}, is the last finite state"
+        if kept is not None
+        else "no checkpoint was written"
+    )
+    return (
+        f"non-finite values at step {step}: {terms}. Training stopped and nothing of step "
+        f"{step} was saved; {where} (lower optimizer.learning_rate or check the data)."
+    )
+
+
+def check_finite(metrics: Mapping[str, float], step: int) -> None:
+    """Raise `NonFiniteLossError` naming the step and every non-finite term."""
+    message = non_finite_message(metrics, step)
+    if message:
+        raise NonFiniteLossError(message)
 
 
 def _json_value(value: float) -> float | None:
@@ -247,23 +267,67 @@ def _json_value(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _replace(path: epath.Path, data: bytes) -> None:
+    """Write `path` whole: a complete new file renamed over the old one."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 class MetricsLogger:
     """Writes metrics to `<workdir>/metrics.jsonl`, TensorBoard and stdout.
 
+    Args:
+      workdir: the run directory (local or `gs://`).
+      total_steps: the run's length, for the ETA.
+      start_step: the step the run (re)starts from; logged records of later steps are dropped.
+      stream: where the progress line goes (stdout).
+      enabled: False writes and prints nothing (processes other than 0).
+
     Attributes:
-      jsonl_path: path of the JSONL file (appended to, so a resumed run continues it).
-      event_path: path of this run's event file.
+      jsonl_path: path of the JSONL file.
+      event_path: path of this run's event file (it holds the kept events of earlier runs).
     """
 
-    def __init__(self, workdir: str, total_steps: int, stream: IO[str] | None = None):
-        os.makedirs(workdir, exist_ok=True)
-        self.total_steps = total_steps
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self._jsonl = open(self.jsonl_path, "a")
-        self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
-        self.event_path = self._events.path
+    def __init__(
+        self,
+        workdir: str,
+        total_steps: int,
+        stream: IO[str] | None = None,
+        start_step: int = 0,
+        enabled: bool = True,
+    ):
+        self.total_steps, self.enabled = total_steps, enabled
         self._stream = stream
         self._last: tuple[int, float] | None = None  # (step, time) of the previous log
+        workdir = epath.Path(workdir)
+        self.jsonl_path = workdir / "metrics.jsonl"
+        logdir = workdir / "tensorboard"
+        # TensorBoard's name pattern; the nanoseconds keep two runs of the same second apart.
+        now = time.time_ns()
+        name = f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{now % 10**9}"
+        self.event_path = logdir / name
+        self._lines: list[str] = []
+        self._records: list[bytes] = [event_header()]
+        if not enabled:
+            return
+        logdir.mkdir(parents=True, exist_ok=True)
+        if self.jsonl_path.exists():
+            for line in self.jsonl_path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= start_step:
+                    self._lines.append(line)
+        old_files = sorted(p for p in logdir.glob("events.out.tfevents.*") if p != self.event_path)
+        for path in old_files:
+            for event, record in _read_records(path.read_bytes(), str(path)):
+                if "file_version" not in event and event["step"] <= start_step:
+                    self._records.append(record)
+        self._flush()
+        for path in old_files:  # their kept events are in this run's file now
+            path.unlink()
+
+    def _flush(self) -> None:
+        _replace(self.jsonl_path, "".join(line + "\n" for line in self._lines).encode())
+        _replace(self.event_path, b"".join(self._records))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> str:
         """Record `metrics` (host floats) at `step`; returns the progress line printed.
@@ -274,22 +338,23 @@ class MetricsLogger:
         """
         now = time.time()
         values = {k: float(v) for k, v in metrics.items()}
-        record = {"step": int(step), "wall_time": now}
-        record.update({k: _json_value(v) for k, v in values.items()})
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
-        self._events.scalars(int(step), values, now)
         rate = None
         if self._last is not None and step > self._last[0] and now > self._last[1]:
             rate = (step - self._last[0]) / (now - self._last[1])
         self._last = (int(step), now)
         line = progress_line(int(step), self.total_steps, values, rate)
+        if not self.enabled:
+            return line
+        record = {"step": int(step), "wall_time": now}
+        record.update({k: _json_value(v) for k, v in values.items()})
+        self._lines.append(json.dumps(record, allow_nan=False))
+        self._records.append(scalars_record(int(step), values, now))
+        self._flush()
         print(line, file=self._stream or sys.stdout, flush=True)
         return line
 
     def close(self) -> None:
-        self._jsonl.close()
-        self._events.close()
+        pass  # every call leaves complete files
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -1,42 +1,84 @@
 """train_and_evaluate: the whole run, top to bottom.
 
-mesh -> data -> model and initial weights -> train state and shardings -> the jitted step ->
-checkpoints (resume) -> the loop (log, evaluate, checkpoint) -> final evaluation.
+checks -> mesh -> data -> model and abstract state -> workdir (resume checks, config.json) ->
+train state (restored, or initial) -> the jitted step -> the loop (log, finite check,
+checkpoint, evaluate) -> final evaluation.
 
 The step itself (`train_step.py`) is a pure function of (state, source batch, target batch);
-everything with side effects lives here.
+everything with side effects lives here. Bad input (a config value, a dataset that is not
+built, weights that do not fit, a workdir holding another model's run) raises before anything
+is written; `main.py` turns those errors into one line. Under several processes every process
+runs this same function; orbax writes the checkpoints collectively and process 0 alone writes
+every other file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
-from data_pipelines import pipeline, sources
+from data_pipelines import pipeline, sources, transforms
 from data_pipelines.rcs import RcsConfig
 from pgpc_jax import checkpointing, evaluation, metrics_logging, optim, predict, sharding
+from pgpc_jax.config_checks import ConfigError, check_config
 from pgpc_jax.models import segmentor
-from pgpc_jax.train_state import create_train_state
+from pgpc_jax.train_state import TrainState, create_train_state
 from pgpc_jax.train_step import make_train_step
+
+
+def _say(message: str) -> None:
+    """Print on process 0 only (every process runs the same loop)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _open_split(data_dir: str, name: str, group, with_label: bool = True):
+    """One configured split, with errors that name the config key."""
+    try:
+        return sources.open_split(data_dir, group.dataset, group.split, with_label)
+    except sources.UnknownSplitError as e:
+        raise ConfigError(f"data.{name}.split={group.split!r}: {e}") from e
+    except sources.DatasetNotBuiltError as e:
+        raise ConfigError(f"data.{name}.dataset={group.dataset!r}: {e}") from e
+
+
+def _check_crop(source, name: str, group) -> None:
+    """A training crop must fit the images at the configured scale (read from the first one)."""
+    height, width = source[0]["image"].shape[:2]
+    if group.scale:
+        width, height = transforms.rescale_size(width, height, tuple(group.scale))
+    crop_h, crop_w = group.crop_size
+    if crop_h > height or crop_w > width:
+        raise ConfigError(
+            f"data.{name}.crop_size={tuple(group.crop_size)} (height, width) is larger than the "
+            f"{name} images at data.{name}.scale={tuple(group.scale) or 'native'}: "
+            f"{height}x{width}; use a crop of at most ({height}, {width})"
+        )
 
 
 def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     """The source / target training pipelines and the validation pipeline of this process."""
     data, p, n = config.data, jax.process_index(), jax.process_count()
     src_cfg, tgt_cfg, val_cfg = data.source, data.target, data.val
-    src_bs = sharding.check_batch_size(src_cfg.batch_size, mesh, "data.source.batch_size")
-    tgt_bs = sharding.check_batch_size(tgt_cfg.batch_size, mesh, "data.target.batch_size")
-    val_bs = sharding.check_batch_size(val_cfg.batch_size, mesh, "data.val.batch_size")
-    src = sources.open_split(data.data_dir, src_cfg.dataset, src_cfg.split)
-    tgt = sources.open_split(data.data_dir, tgt_cfg.dataset, tgt_cfg.split, with_label=False)
-    val = sources.open_split(data.data_dir, val_cfg.dataset, val_cfg.split)
+    try:
+        src_bs = sharding.check_batch_size(src_cfg.batch_size, mesh, "data.source.batch_size")
+        tgt_bs = sharding.check_batch_size(tgt_cfg.batch_size, mesh, "data.target.batch_size")
+        val_bs = sharding.check_batch_size(val_cfg.batch_size, mesh, "data.val.batch_size")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    src = _open_split(data.data_dir, "source", src_cfg)
+    tgt = _open_split(data.data_dir, "target", tgt_cfg, with_label=False)
+    val = _open_split(data.data_dir, "val", val_cfg)
+    _check_crop(src, "source", src_cfg)
+    _check_crop(tgt, "target", tgt_cfg)
     rcs = None
     if src_cfg.rcs:
         rcs = RcsConfig(
@@ -76,6 +118,15 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     )
 
 
+def abstract_train_state(config: ml_collections.ConfigDict):
+    """(model, optimizer, TrainState of ShapeDtypeStructs) of a config, nothing allocated."""
+    model = segmentor.build_segmentor(config.model)
+    abstract_vars = segmentor.abstract_variables(model)
+    tx = optim.make_optimizer(abstract_vars["params"], config.num_train_steps, **config.optimizer)
+    abstract = jax.eval_shape(lambda v: create_train_state(config, v, tx), abstract_vars)
+    return model, tx, abstract
+
+
 def initial_variables(config, model) -> dict:
     """Random initialisation, or `config.init_from` (e.g. ImageNet MiT, any converter format)."""
     if config.init_from.path:
@@ -86,8 +137,64 @@ def initial_variables(config, model) -> dict:
     return segmentor.init_variables(model, jax.random.key(config.seed))
 
 
-def _evaluate(config, model, state, datasets, workdir, step) -> dict[str, float]:
-    vis_dir = os.path.join(workdir, "predictions", f"step_{step:06d}")
+def _has_checkpoints(root: epath.Path) -> bool:
+    folder = root / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _make_workdir(root: epath.Path, workdir: str) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".pgpc_jax_write_check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} cannot be created or written: {e}") from e
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """`key (run X, now Y)` for every config field that differs from a run's config.json."""
+    old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    return [
+        f"{key} (run {old.get(key)!r}, now {new.get(key)!r})"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _check_resumable(config, root: epath.Path, ckpts, abstract) -> None:
+    """A workdir's checkpoint must hold this config's state (model, method), else stop before
+    anything is written, naming the config fields that changed."""
+    mismatch = ckpts.mismatch(abstract)
+    if not mismatch:
+        return
+    saved = root / "config.json"
+    changed = config_differences(json.loads(saved.read_text()), config) if saved.exists() else []
+    raise ConfigError(
+        f"{root} holds a run whose checkpoint does not fit this config ({'; '.join(mismatch)}). "
+        + (f"Changed config fields: {', '.join(changed)}. " if changed else "")
+        + "Resume with the run's own config, or use a new --workdir."
+    )
+
+
+def _all_finite(state: TrainState) -> jax.Array:
+    """One boolean: every float of the parameters, statistics, teacher and method state."""
+    trees = (state.params, state.batch_stats, state.opt_state, state.teacher_params)
+    leaves = jax.tree.leaves((trees, state.prototypes))
+    leaves = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _evaluate(config, model, state, datasets, root: epath.Path, step) -> dict[str, float]:
     result = evaluation.evaluate(
         model,
         state.student_variables,
@@ -97,22 +204,24 @@ def _evaluate(config, model, state, datasets, workdir, step) -> dict[str, float]
         crop_size=tuple(config.eval.crop_size),
         stride=tuple(config.eval.stride),
         num_visualizations=config.eval.num_visualizations,
-        visualization_dir=vis_dir,
+        visualization_dir=str(root / "predictions" / f"step_{step:06d}"),
     )
     metrics, table = result
-    print(f"evaluation at step {step}:\n{table}", flush=True)
+    _say(f"evaluation at step {step}:\n{table}")
     return metrics
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train as `config` says, in `workdir` (resuming from its checkpoints); returns the final
     evaluation metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    check_config(config)
+    primary = jax.process_index() == 0
 
     # Mesh: data parallel over all devices, state replicated.
-    mesh = sharding.make_mesh(config.mesh.num_devices or None)
+    try:
+        mesh = sharding.make_mesh(config.mesh.num_devices or None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     logging.info(
         "mesh %s over %d devices (%s)", mesh.shape, mesh.devices.size, jax.devices()[0].device_kind
     )
@@ -121,75 +230,95 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     datasets = _datasets(config, mesh)
     logging.info("datasets: %s", datasets["sizes"])
 
-    # Model, optimizer, state.
-    model = segmentor.build_segmentor(config.model)
-    abstract_vars = segmentor.abstract_variables(model)
-    tx = optim.make_optimizer(abstract_vars["params"], config.num_train_steps, **config.optimizer)
-    abstract = jax.eval_shape(lambda v: create_train_state(config, v, tx), abstract_vars)
-    ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-    n_params = segmentor.count_params(abstract.params)
+    # Model, optimizer, the state's structure.
+    model, tx, abstract = abstract_train_state(config)
     logging.info(
         "model: MiT-%s + %s head, %.2f M parameters",
         config.model.backbone,
         config.model.head,
-        n_params / 1e6,
+        segmentor.count_params(abstract.params) / 1e6,
     )
 
-    src_iter = pipeline.make_iterator(datasets["source"], num_workers=config.data.num_workers)
-    tgt_iter = pipeline.make_iterator(datasets["target"], num_workers=config.data.num_workers)
-    start = ckpts.latest_step()
-    if start is not None:
-        state, data_state = ckpts.restore(abstract)
-        src_iter.set_state(data_state["source"])
-        tgt_iter.set_state(data_state["target"])
-        logging.info("resumed from step %d", start)
-        print(f"resumed from {workdir} at step {start}", flush=True)
-    else:
-        state = create_train_state(config, initial_variables(config, model), tx)
-    state = sharding.replicate(state, mesh)
+    # Workdir: the initial weights are read (a fresh run) and a resumed run's checkpoint is
+    # checked against the config before anything is written.
+    root = checkpointing.run_path(workdir)
+    resuming = _has_checkpoints(root)
+    variables = None if resuming else initial_variables(config, model)
+    _make_workdir(root, workdir)
+    ckpts = checkpointing.RunCheckpoints(root, keep=config.keep_checkpoints)
+    try:
+        if resuming:
+            _check_resumable(config, root, ckpts, abstract)
+        if primary:
+            (root / "config.json").write_text(config.to_json_best_effort(indent=2))
 
+        # The train state, restored with its data positions or initial, replicated.
+        iterators = {
+            name: pipeline.make_iterator(datasets[name], num_workers=config.data.num_workers)
+            for name in ("source", "target")
+        }
+        if resuming:
+            target = sharding.abstract_replicated(abstract, mesh)
+            state, start = ckpts.restore(target, iterators, log=_say)
+            _say(f"resumed from {root} at step {start}")
+        else:
+            state, start = sharding.replicate(create_train_state(config, variables, tx), mesh), 0
+        return _train_loop(config, model, tx, state, start, datasets, iterators, ckpts, mesh, root)
+    finally:
+        ckpts.close()
+
+
+def _train_loop(config, model, tx, state, start, datasets, iterators, ckpts, mesh, root):
     # The step: jitted once, state donated.
-    step_fn = make_train_step(config, model, tx)
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+    replicated = sharding.replicated(mesh)
+    state_sharding = jax.tree.map(lambda _: replicated, state)
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        step_fn,
+        make_train_step(config, model, tx),
         in_shardings=(state_sharding, batch_sharding, batch_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
+    all_finite = jax.jit(_all_finite, out_shardings=replicated)
 
-    logger = metrics_logging.MetricsLogger(workdir, config.num_train_steps)
-    step = int(jax.device_get(state.step))
-    metrics = {}
-    timer = time.time()
-    while step < config.num_train_steps:
+    total = config.num_train_steps
+    logger = metrics_logging.MetricsLogger(
+        str(root), total, start_step=start, enabled=jax.process_index() == 0
+    )
+    src_iter, tgt_iter = iterators["source"], iterators["target"]
+    step, metrics, timer = start, {}, time.time()
+    while step < total:
         src = sharding.global_batch(next(src_iter), mesh)
         tgt = sharding.global_batch({"image": next(tgt_iter)["image"]}, mesh)
         state, device_metrics = train_step(state, src, tgt)
         step += 1
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-            metrics_logging.check_finite(host, step)
+        last = step == total
+        log_now = step % config.log_every_steps == 0 or last
+        save_now = step % config.checkpoint_every_steps == 0 or last
+        eval_now = step % config.eval_every_steps == 0 or last
+        if log_now or save_now or eval_now:
+            # One fetch: the step's metrics and whether the new state is finite. Nothing
+            # non-finite is ever saved, logged as best or evaluated.
+            host, finite = sharding.to_host((device_metrics, all_finite(state)))
+            host = {k: float(v) for k, v in host.items()}
+            message = metrics_logging.non_finite_message(
+                host, step, bool(finite), kept=ckpts.latest_step()
+            )
+            if message:
+                raise metrics_logging.NonFiniteLossError(message)
+        if log_now:
             logger.log(step, host)
-        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-            ckpts.save(
-                step, state, {"source": src_iter.get_state(), "target": tgt_iter.get_state()}
-            )
-        if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-            metrics = _evaluate(config, model, state, datasets, workdir, step)
+        if save_now:
+            ckpts.save(step, state, iterators)
+        if eval_now:
+            metrics = _evaluate(config, model, state, datasets, root, step)
             logger.log(step, metrics)
-            ckpts.save_if_best(
-                step,
-                state,
-                {"source": src_iter.get_state(), "target": tgt_iter.get_state()},
-                metrics,
-            )
+            ckpts.save_if_best(step, state, iterators, metrics)
     if not metrics:  # nothing left to train (a finished run re-run): evaluate what is there
-        metrics = _evaluate(config, model, state, datasets, workdir, step)
-    ckpts.close()
+        metrics = _evaluate(config, model, state, datasets, root, step)
     logger.close()
     logging.info("done in %.1f s", time.time() - timer)
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump({k: float(v) for k, v in metrics.items() if np.isscalar(v)}, f, indent=2)
+    if jax.process_index() == 0:
+        final = {k: float(v) for k, v in metrics.items() if np.isscalar(v)}
+        (root / "final_metrics.json").write_text(json.dumps(final, indent=2))
     return metrics

@@ -46,7 +46,7 @@ METHODS = ("dacs", "source_only")
 CONTRAST_VARIANTS = ("none", "pgpc", "cluda")
 
 
-def _contrast_settings(config) -> dict:
+def contrast_settings(config) -> dict:
     """The contrast group as plain Python values, validated."""
     c = config.contrast
     if c.variant not in CONTRAST_VARIANTS:
@@ -102,7 +102,7 @@ def make_train_step(config, model, tx: optax.GradientTransformation) -> Callable
     per_pixel = {"scalar": False, "pixel": True}[uda.pseudo_weight]
     ignore_top, ignore_bottom = int(uda.pseudo_ignore_top), int(uda.pseudo_ignore_bottom)
     target_weight = float(uda.target_weight)
-    contrast = _contrast_settings(config)
+    contrast = contrast_settings(config)
     variant, grid = contrast["variant"], contrast["grid"]
     if contrast["label_grid"] == "majority":
 

@@ -51,14 +51,44 @@ def test_logger_writes_jsonl_events_and_progress(tmp_path):
 
 
 def test_event_file_rejects_corruption(tmp_path):
-    writer = ml.EventFileWriter(str(tmp_path))
-    writer.scalars(3, {"train/loss": 1.5})
-    writer.close()
-    data = bytearray(open(writer.path, "rb").read())
+    logger = ml.MetricsLogger(str(tmp_path), total_steps=10, stream=io.StringIO())
+    logger.log(3, {"train/loss": 1.5})
+    path = str(logger.event_path)
+    data = bytearray(open(path, "rb").read())
     data[-6] ^= 0xFF  # inside the last payload
-    open(writer.path, "wb").write(bytes(data))
+    open(path, "wb").write(bytes(data))
     with pytest.raises(ValueError, match="bad CRC"):
-        ml.read_events(writer.path)
+        ml.read_events(path)
+
+
+def test_restart_drops_the_steps_after_the_resumed_one(tmp_path):
+    """A run logged to step 6, resumed from its step-4 checkpoint: steps 5 and 6 are logged
+    again by the resumed run and must not appear twice in either file."""
+    first = ml.MetricsLogger(str(tmp_path), total_steps=8, stream=io.StringIO())
+    for step in (2, 4, 4, 6):
+        first.log(step, {"train/loss": float(step)})
+    first.close()
+    resumed = ml.MetricsLogger(str(tmp_path), total_steps=8, stream=io.StringIO(), start_step=4)
+    for step in (6, 8):
+        resumed.log(step, {"train/loss": 10.0 + step})
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [
+        (2, 2.0), (4, 4.0), (4, 4.0), (6, 16.0), (8, 18.0)
+    ]  # fmt: skip
+    (name,) = os.listdir(tmp_path / "tensorboard")  # one event file holds the whole history
+    events = ml.read_events(str(tmp_path / "tensorboard" / name))
+    assert events[0]["file_version"] == "brain.Event:2"
+    assert [(e["step"], e["scalars"]["train/loss"]) for e in events[1:]] == [
+        (2, 2.0), (4, 4.0), (4, 4.0), (6, 16.0), (8, 18.0)
+    ]  # fmt: skip
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_a_disabled_logger_writes_nothing(tmp_path):
+    out = io.StringIO()
+    logger = ml.MetricsLogger(str(tmp_path / "run"), total_steps=8, stream=out, enabled=False)
+    assert logger.log(2, {"train/loss": 1.0}).startswith("step 2/8")
+    assert not (tmp_path / "run").exists() and out.getvalue() == ""
 
 
 @pytest.mark.parametrize(
