@@ -14,7 +14,6 @@ distribution without decoding again. The target image is uniform and independent
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 
@@ -62,36 +61,27 @@ class RareClassSampler:
     Args:
       class_pixels: int [N, C] per-image class pixel counts of the whole source split.
       config: RCS settings.
-      pool: image indices this process may read (its shard); None means all. A class with no
-        candidate inside the pool falls back to all its candidates, so the class distribution
-        stays exactly DAFormer's (those reads then overlap with other processes).
+
+    Every process samples from the whole split: the processes read disjoint positions of one
+    global stream (`pipeline.py`), so the class distribution is exactly DAFormer's.
     """
 
-    def __init__(self, class_pixels: np.ndarray, config: RcsConfig, pool: np.ndarray | None = None):
+    def __init__(self, class_pixels: np.ndarray, config: RcsConfig):
         class_pixels = np.asarray(class_pixels, np.int64)
         self.config = config
         self.classes, self.probs = rcs_class_probabilities(class_pixels, config.temperature)
-        in_pool = np.zeros(len(class_pixels), bool)
-        in_pool[np.arange(len(class_pixels)) if pool is None else np.asarray(pool)] = True
         self.candidates: dict[int, np.ndarray] = {}
-        empty, fallback = [], []
+        empty = []
         for c in self.classes:
-            eligible = class_pixels[:, c] > config.min_pixels
-            if not eligible.any():
+            eligible = np.flatnonzero(class_pixels[:, c] > config.min_pixels)
+            if len(eligible) == 0:
                 empty.append(int(c))
-                continue
-            mine = np.flatnonzero(eligible & in_pool)
-            if len(mine) == 0:
-                fallback.append(int(c))
-                mine = np.flatnonzero(eligible)
-            self.candidates[int(c)] = mine
+            self.candidates[int(c)] = eligible
         if empty:
             raise ValueError(
                 f"RCS: classes {empty} have no image with more than {config.min_pixels} pixels "
                 "(DAFormer asserts the same); lower min_pixels for small images"
             )
-        if fallback:
-            logging.warning("RCS: classes %s have no candidate in this shard; using all", fallback)
 
     def sample(self, rng: np.random.Generator) -> tuple[int, int]:
         """Draws a class c ~ p and a candidate image of c.

@@ -134,7 +134,9 @@ def make_optimizer(
     keys = custom_keys(head_lr_mult, norm_decay_mult)
     labels = param_group_labels(params, keys)
     transforms = {}
-    for group in set(jax.tree.leaves(labels)):
+    # Sorted: a set's order follows Python's string hashing, which changes from process to
+    # process, and so would the traced program (and the compilation cache would never hit).
+    for group in sorted(set(jax.tree.leaves(labels))):
         options = keys.get(group, {})
         base = learning_rate * options.get("lr_mult", 1.0)
         decay = weight_decay * options.get("decay_mult", 1.0)
