@@ -139,6 +139,8 @@ class RunCheckpoints:
 
     def save_if_best(self, step: int, state, iterators, metrics: Mapping[str, float]) -> bool:
         """Keep `state` as the best if its `best_metric` beats the best so far."""
+        if step in self.best.all_steps():  # a resumed run redoing a step saved before a kill
+            return False
         best = self.best.best_step()
         if best is not None:
             previous = self.best.metrics(best) or {}
@@ -216,7 +218,7 @@ class RunCheckpoints:
             step = manager.best_step() if best else manager.latest_step()
         if step is None or step not in steps:
             have = f"it has steps {steps}" if steps else "it has none"
-            want = "a checkpoint" if step is None else f"a checkpoint of step {step}"
+            want = "checkpoint" if step is None else f"checkpoint of step {step}"
             raise CheckpointError(f"{self.root / folder} has no {want}; {have}")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         try:

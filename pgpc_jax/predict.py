@@ -2,6 +2,10 @@
 
   python -m pgpc_jax.predict --config configs/gta2cs.py --weights daformer_gta.pth \
       --weights-format daformer --resize 1024,512 --out predictions/ frankfurt_000000_000294.png
+  # A training run directly: its latest checkpoint (runs/gta2cs/best: the best one), the student
+  # (--which ema_model: the EMA teacher)
+  python -m pgpc_jax.predict --config configs/gta2cs.py --weights runs/gta2cs \
+      --resize 1024,512 --out predictions/ frankfurt_000000_000294.png
 
 For each IMAGE it writes to --out:
   <stem>_trainids.png   uint8 train ids (0..K-1), as Cityscapes `*_labelTrainIds.png`
@@ -23,24 +27,27 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from pgpc_jax import checkpointing, convert
+from pgpc_jax import checkpointing, convert, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
-from pgpc_jax.torch_names import FORMATS, ConversionError
+from pgpc_jax.torch_names import ConversionError
+
+# Loading weights lives in `weights.py`; these names stay here for `train.initial_variables`,
+# `demo.py` and `config_checks.py`, which reach them through this module.
+from pgpc_jax.weights import WEIGHT_FORMATS, load_model  # noqa: F401
 
 # DAFormer / mmseg `img_norm_cfg` (RGB order after to_rgb=True).
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
-WEIGHT_FORMATS = ("flax", *sorted(FORMATS))
 
 
 class PredictError(ValueError):
-    """Bad input to prediction: an unreadable image, a bad --resize, weights that do not fit."""
+    """Bad input to prediction: an unreadable image, a bad --resize."""
 
 
 def load_image(path: str) -> np.ndarray:
@@ -70,40 +77,6 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if w <= 0 or h <= 0:
         raise PredictError(f"--resize={text!r}: sizes must be positive")
     return w, h
-
-
-def load_model(model_cfg: Mapping, weights: str, fmt: str, which: str = "model"):
-    """Build the config's model and load `weights` in format `fmt` into it.
-
-    Returns (model, variables). A Flax weights directory must describe the same model as the
-    config; a PyTorch checkpoint is converted on the fly.
-    """
-    model_cfg = dict(model_cfg)
-    model = segmentor.build_segmentor(model_cfg)
-    if fmt == "flax":
-        stored = checkpointing.read_model_file(weights)["model"]
-        shape_keys = ("backbone", "head", "num_classes", "head_embed_dim", "head_channels")
-        diff = {
-            k: (stored.get(k), model_cfg[k]) for k in shape_keys if stored.get(k) != model_cfg[k]
-        }
-        if diff:
-            raise PredictError(
-                f"{weights} holds a different model than the config: "
-                + ", ".join(
-                    f"model.{k}: weights {a!r} vs config {b!r}" for k, (a, b) in diff.items()
-                )
-            )
-        variables = checkpointing.load_variables(weights, segmentor.abstract_variables(model))
-        return model, variables
-    if fmt not in FORMATS:
-        raise PredictError(f"--weights-format={fmt!r}: expected one of {WEIGHT_FORMATS}")
-    variables, left = convert.to_flax(weights, fmt, model_cfg, which)
-    if left:
-        print(
-            f"warning: {weights} has no decode head; predictions come from an untrained head",
-            file=sys.stderr,
-        )
-    return model, variables
 
 
 def make_predictor(model: segmentor.Segmentor, resize: tuple[int, int] | None = None):
@@ -170,14 +143,23 @@ def define_flags() -> None:
         "config", None, "Config whose `model` group describes the model.", lock_config=True
     )
     flags.DEFINE_string(
-        "weights", None, "Weights: a Flax weights directory or a PyTorch / HF checkpoint."
+        "weights",
+        None,
+        "Weights: a Flax weights directory, a training run directory (RUN, RUN/best, "
+        "RUN/checkpoints/<step>) or a PyTorch / HF checkpoint.",
     )
-    flags.DEFINE_enum("weights-format", "flax", list(WEIGHT_FORMATS), "Format of --weights.")
+    flags.DEFINE_enum(
+        "weights-format",
+        "flax",
+        list(WEIGHT_FORMATS),
+        "Format of --weights; a run directory is recognised when left at flax.",
+    )
     flags.DEFINE_enum(
         "which",
         "model",
-        ["model", "ema_model", "imnet_model"],
-        "DAFormer sub-model (daformer format).",
+        list(weights.WHICH),
+        "Network: the student ('model'), the EMA teacher ('ema_model': runs and DAFormer "
+        "checkpoints) or DAFormer's ImageNet copy ('imnet_model').",
     )
     flags.DEFINE_string(
         "resize",
@@ -191,11 +173,13 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    if not FLAGS["verbosity"].present:  # orbax logs every step of a checkpoint read at INFO
+        logging.set_verbosity(logging.WARNING)
     images = argv[1:]
     if FLAGS.config is None or not FLAGS.weights or not FLAGS.out or not images:
         raise app.UsageError("usage: predict --config CONFIG --weights PATH --out DIR IMAGE...")
     try:
-        model, variables = load_model(
+        model, variables = weights.load_model(
             FLAGS.config.model, FLAGS.weights, FLAGS["weights-format"].value, FLAGS.which
         )
         predict_files(

@@ -87,8 +87,8 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
             min_crop_ratio=src_cfg.rcs_min_crop_ratio,
         )
     common = dict(process_index=p, process_count=n)
-    return dict(
-        source=pipeline.source_dataset(
+    try:
+        source = pipeline.source_dataset(
             src,
             batch_size=src_bs,
             crop_size=tuple(src_cfg.crop_size),
@@ -98,7 +98,11 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
             rcs=rcs,
             seed=config.seed,
             **common,
-        ),
+        )
+    except ValueError as e:  # RCS: a class with no image above rcs_min_pixels
+        raise ConfigError(f"data.source.rcs_min_pixels={src_cfg.rcs_min_pixels}: {e}") from e
+    return dict(
+        source=source,
         target=pipeline.target_dataset(
             tgt,
             batch_size=tgt_bs,
@@ -308,12 +312,14 @@ def _train_loop(config, model, tx, state, start, datasets, iterators, ckpts, mes
                 raise metrics_logging.NonFiniteLossError(message)
         if log_now:
             logger.log(step, host)
-        if save_now:
-            ckpts.save(step, state, iterators)
+        # Evaluate before the checkpoint: a run killed while evaluating resumes from an
+        # earlier checkpoint and evaluates this step again, so no evaluation is lost.
         if eval_now:
             metrics = _evaluate(config, model, state, datasets, root, step)
             logger.log(step, metrics)
             ckpts.save_if_best(step, state, iterators, metrics)
+        if save_now:
+            ckpts.save(step, state, iterators)
     if not metrics:  # nothing left to train (a finished run re-run): evaluate what is there
         metrics = _evaluate(config, model, state, datasets, root, step)
     logger.close()

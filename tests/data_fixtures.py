@@ -185,3 +185,32 @@ def make_folder(root: str, seed: int = 0) -> dict:
         write_png(os.path.join(root, "train", "labels", name + ".png"), labels[name])
     write_png(os.path.join(root, "val", "images", "x.png"), random_image(rng, 16, 20))
     return labels
+
+
+# Cityscapes label ids of the classes with instances (cityscapesscripts `hasInstances`): person,
+# rider, car, truck, bus, caravan, trailer, train, motorcycle, bicycle.
+CITYSCAPES_INSTANCE_CLASS_IDS = (24, 25, 26, 27, 28, 29, 30, 31, 32, 33)
+
+
+def add_cityscapes_derived(root: str, labels: dict) -> None:
+    """Next to each `*_gtFine_labelIds.png` that `make_cityscapes` wrote: the
+    `*_gtFine_labelTrainIds.png` that Cityscapes' createTrainIdLabelImgs makes (train ids, 255
+    void) and a `*_gtFine_instanceIds.png` in Cityscapes' encoding (the label id for classes
+    without instances, label id * 1000 + instance number for the others; here a new instance every
+    8 columns).
+
+    Args:
+      root: the folder given to `make_cityscapes`.
+      labels: what it returned, {(split, stem): label ids uint8 [H, W]}.
+    """
+    from data_pipelines import labels as label_table
+
+    for (split, stem), ids in labels.items():
+        folder = os.path.join(root, "gtFine", split, stem.split("_")[0])
+        train_ids, _ = label_table.map_label_ids(ids, label_table.CITYSCAPES_ID_TO_TRAIN_ID)
+        write_png(os.path.join(folder, stem + "_gtFine_labelTrainIds.png"), train_ids)
+        column = np.broadcast_to(np.arange(ids.shape[1]) // 8, ids.shape)
+        things = np.isin(ids, CITYSCAPES_INSTANCE_CLASS_IDS)
+        instances = np.where(things, ids.astype(np.uint16) * 1000 + column, ids)
+        path = os.path.join(folder, stem + "_gtFine_instanceIds.png")
+        Image.fromarray(instances.astype(np.uint16)).save(path)  # 16-bit, as Cityscapes ships

@@ -125,3 +125,42 @@ def test_default_suffixes_match_by_stem(tmp_path):
     assert pairs == [(str(tmp_path / "images" / "a.jpg"), str(tmp_path / "labels" / "a.png"))]
     with pytest.raises(evaluate.EvaluateError, match=r"no \*\.jpg found"):
         evaluate.find_pairs(str(tmp_path / "labels"), str(tmp_path / "labels"), ".jpg")
+
+
+def test_train_ids_become_cityscapes_label_ids():
+    """The prediction files of --cityscapes-eval hold label ids: our table inverted equals
+    cityscapesscripts' trainId2label."""
+    from cityscapesscripts.helpers import labels as cs_labels
+
+    train_ids = np.arange(19, dtype=np.uint8).reshape(1, 19)
+    want = [[cs_labels.trainId2label[t].id for t in range(19)]]
+    np.testing.assert_array_equal(evaluate.train_ids_to_label_ids(train_ids), want)
+
+
+def test_cityscapes_eval_without_cityscapesscripts_is_one_line(monkeypatch):
+    # None in sys.modules makes the import fail, as when the package is not installed.
+    monkeypatch.setitem(sys.modules, "cityscapesscripts.evaluation", None)
+    with pytest.raises(evaluate.EvaluateError, match="pip install cityscapesscripts") as e:
+        evaluate.cityscapes_eval_module()
+    assert "\n" not in str(e.value)
+
+
+def test_cityscapes_names_and_missing_ground_truth(tmp_path):
+    _dataset(tmp_path, [(8, 8)])  # images/city/c_00_leftImg8bit.png: not a Cityscapes name
+    pairs = evaluate.find_pairs(
+        str(tmp_path / "images"), str(tmp_path / "labels"), "_leftImg8bit.png", "_gt.png"
+    )
+    with pytest.raises(evaluate.EvaluateError, match="without a Cityscapes name"):
+        evaluate.cityscapes_files(pairs, str(tmp_path / "images"), str(tmp_path), "out")
+    image = tmp_path / "images" / "city" / "ulm_000001_000019_leftImg8bit.png"
+    os.rename(tmp_path / "images/city/c_00_leftImg8bit.png", image)
+    pairs = [(str(image), "unused")]
+    with pytest.raises(
+        evaluate.EvaluateError, match="(?s)1 ground truth file.*ulm_000001_000019_gt"
+    ):
+        evaluate.cityscapes_files(pairs, str(tmp_path / "images"), str(tmp_path / "gt"), "out")
+    gt = tmp_path / "gt" / "city" / "ulm_000001_000019_gtFine_labelIds.png"
+    os.makedirs(gt.parent)
+    gt.write_bytes(b"")
+    files = evaluate.cityscapes_files(pairs, str(tmp_path / "images"), str(tmp_path / "gt"), "out")
+    assert files == [(str(gt), os.path.join("out", "city", "ulm_000001_000019_pred_labelIds.png"))]

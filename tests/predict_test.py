@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from configs import tiny
-from pgpc_jax import checkpointing, convert, predict
+from pgpc_jax import checkpointing, convert, predict, weights
 from pgpc_jax.models.segmentor import build_segmentor, init_variables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,10 +95,19 @@ def test_bad_inputs_are_named(tiny_weights, tmp_path):
             str(tmp_path / "out"),
         )
     assert not (tmp_path / "out").exists()  # nothing written before the check
-    other = dict(cfg, num_classes=7)
-    with pytest.raises(predict.PredictError, match="model.num_classes: weights 19 vs config 7"):
-        predict.load_model(other, path, "flax")
-    with pytest.raises(checkpointing.CheckpointError, match="is not a pgpc_jax weights directory"):
+    other = dict(cfg, num_classes=7, layer_norm="hf")
+    with pytest.raises(
+        weights.WeightsError,
+        match="model.num_classes: weights 19 vs config 7, model.layer_norm: weights 'mmseg' vs "
+        "config 'hf'",
+    ):
+        weights.load_model(other, path, "flax")
+    # Neither a weights directory nor a run: both are named. A WeightsError is a CheckpointError,
+    # which every CLI (and main.py, for init_from) reports as one line.
+    with pytest.raises(
+        checkpointing.CheckpointError,
+        match="is not a pgpc_jax weights directory .* nor a training run directory",
+    ):
         predict.load_model(cfg, str(tmp_path), "flax")
 
 

@@ -1,0 +1,256 @@
+"""Loading a model's weights from any source the command-line tools accept.
+
+  model, variables = weights.load_model(config.model, "weights/gta", "flax")
+  model, variables = weights.load_model(config.model, "runs/gta2cs", "flax")  # a run: auto-detected
+  model, variables = weights.load_model(config.model, "runs/gta2cs/best", "run", "ema_model")
+  config, state, step = weights.load_run("runs/gta2cs", best=True)
+
+Sources (`--weights` / `--weights-format` of `predict` and `evaluate`, `init_from` of a config):
+
+  flax       a weights directory (`convert to-flax`, `export --format flax`); the default format
+  run        a training run of `python -m pgpc_jax.main`: RUN (its latest checkpoint), RUN/best (the
+             best one), RUN/checkpoints/<N> (step N) or RUN/best/<N>. A path of that shape is read
+             as a run when the format is left at `flax`.
+  mit, mmseg, hf, daformer   PyTorch / HF checkpoints, converted on the fly (`convert.to_flax`)
+
+`which` picks the network, with DAFormer's names: 'model' the student (the default; what
+DAFormer's tools/test.py evaluates), 'ema_model' the EMA teacher (a run's `teacher_params`, or
+`ema_model.*` of a DAFormer checkpoint), 'imnet_model' DAFormer's ImageNet copy (DAFormer
+checkpoints only). A run's teacher has no BatchNorm running statistics of its own: DAFormer's
+teacher runs BatchNorm in train mode (batch statistics), so a run's teacher is paired with the
+student's running statistics, the only ones the run keeps (a note is printed).
+
+Every source must describe the config's model (backbone, head, widths, classes, LayerNorm
+convention); a difference is one error naming the differing `model.*` fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+from etils import epath
+
+from pgpc_jax import checkpointing, convert
+from pgpc_jax.models import segmentor
+from pgpc_jax.torch_names import FORMATS
+
+WEIGHT_FORMATS = ("flax", "run", *sorted(FORMATS))
+WHICH = ("model", "ema_model", "imnet_model")
+# The model fields a set of weights fixes: the shapes, and the LayerNorm eps convention (same
+# shapes, different function).
+MODEL_KEYS = ("backbone", "head", "num_classes", "head_embed_dim", "head_channels", "layer_norm")
+TEACHER_NOTE = (
+    "the teacher has no BatchNorm running statistics of its own (DAFormer's teacher runs "
+    "BatchNorm in train mode); it is paired with the student's running statistics"
+)
+
+
+class WeightsError(checkpointing.CheckpointError):
+    """Weights that cannot be loaded for this config: not a run, another model, bad `which`."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Training runs.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheckpoint:
+    """Which checkpoint of a run a path names: `step` None is the latest (the best with
+    `best`)."""
+
+    root: epath.Path
+    step: int | None = None
+    best: bool = False
+
+
+def _is_run_root(path: epath.Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / "checkpoints").is_dir() or (path / "best").is_dir()
+    )
+
+
+def find_run(path: str | os.PathLike) -> RunCheckpoint | None:
+    """The run checkpoint a path names: RUN, RUN/best, RUN/checkpoints, RUN/checkpoints/<N>,
+    RUN/best/<N> (RUN holds config.json and checkpoints/ or best/); None for any other path."""
+    path = checkpointing.run_path(path)
+    if _is_run_root(path):
+        return RunCheckpoint(path)
+    parent = path.parent
+    if path.name in ("checkpoints", "best") and _is_run_root(parent):
+        return RunCheckpoint(parent, best=path.name == "best")
+    if path.name.isdigit() and parent.name in ("checkpoints", "best"):
+        if _is_run_root(parent.parent):
+            return RunCheckpoint(parent.parent, int(path.name), parent.name == "best")
+    return None
+
+
+def _tuples(tree: Any) -> Any:
+    """config.json turned the config's tuples into lists; give them back."""
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(v) for v in tree)
+    return tree
+
+
+def _require_run(path: str | os.PathLike) -> RunCheckpoint:
+    found = find_run(path)
+    if found is None:
+        read_run_config(path)  # raises, saying what is missing
+        raise WeightsError(f"{path} is not a training run directory or one of its checkpoints")
+    return found
+
+
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """A run's config (its `config.json`) as a ConfigDict."""
+    root = checkpointing.run_path(workdir)
+    file = root / "config.json"
+    if not _is_run_root(root):
+        what = "no such directory" if not root.is_dir() else "it has no config.json"
+        if root.is_dir() and file.is_file():
+            what = "it has neither checkpoints/ nor best/"
+        raise WeightsError(
+            f"{workdir} is not a training run directory ({what}; a run directory holds "
+            "config.json and checkpoints/, as `python -m pgpc_jax.main --workdir` writes them)"
+        )
+    try:
+        return ml_collections.ConfigDict(_tuples(json.loads(file.read_text())))
+    except ValueError as e:
+        raise WeightsError(f"{file} is not a readable run config ({e})") from e
+
+
+def load_run(
+    workdir: str | os.PathLike, step: int | None = None, best: bool = False
+) -> tuple[ml_collections.ConfigDict, Any, int]:
+    """Read one checkpoint of a training run onto one device.
+
+    The state's structure comes from the run's own config.json (`train.abstract_train_state`),
+    and every leaf is restored to this process's first device, so a checkpoint written by a
+    multi-device or multi-process run restores in a single process.
+
+    Args:
+      workdir: the run directory (holds config.json and checkpoints/).
+      step: a step of `checkpoints/` (of `best/` with `best`); None for the latest (the best).
+      best: read the best checkpoint, `best/`.
+
+    Returns:
+      (config, state, step): the run's ConfigDict, its TrainState (arrays on one device) and the
+      step read. Raises WeightsError / CheckpointError (naming the steps there are).
+    """
+    # Imported here: `train` loads `init_from` weights through this module.
+    from pgpc_jax import train
+
+    config = read_run_config(workdir)
+    root = checkpointing.run_path(workdir)
+    try:
+        _, _, abstract = train.abstract_train_state(config)
+    except Exception as e:  # a config.json from another version of the code: say which file
+        raise WeightsError(
+            f"{root / 'config.json'} does not describe a run this code can rebuild "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+    )
+    ckpts = checkpointing.RunCheckpoints(root)
+    try:
+        state, step = ckpts.read(abstract, step=step, best=best)
+    finally:
+        ckpts.close()
+    return config, state, step
+
+
+def run_variables(state: Any, which: str = "model") -> dict:
+    """The variables {'params', 'batch_stats'} of a run's student ('model') or EMA teacher
+    ('ema_model'); the teacher carries the student's BatchNorm running statistics."""
+    _check_run_which(which)
+    params = state.params if which == "model" else state.teacher_params
+    return {"params": params, "batch_stats": state.batch_stats}
+
+
+def _check_run_which(which: str) -> None:
+    if which not in ("model", "ema_model"):
+        raise WeightsError(
+            f"--which={which!r}: a training run holds the student ('model') and the EMA teacher "
+            "('ema_model')"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Any source.
+
+
+def check_same_model(stored: Mapping, model_cfg: Mapping, source: str) -> None:
+    """Raise WeightsError naming every `model.*` field where `stored` differs from the config."""
+    diff = {k: (stored.get(k), model_cfg.get(k)) for k in MODEL_KEYS}
+    diff = {k: (a, b) for k, (a, b) in diff.items() if a != b}
+    if diff:
+        raise WeightsError(
+            f"{source} holds a different model than the config: "
+            + ", ".join(f"model.{k}: weights {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        )
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def load_model(model_cfg: Mapping, weights: str, fmt: str = "flax", which: str = "model"):
+    """Build the config's model and load `weights` in format `fmt` into it.
+
+    Args:
+      model_cfg: the config's `model` group.
+      weights: a weights directory, a run directory (or one of its checkpoints), or a PyTorch /
+        HF checkpoint.
+      fmt: one of WEIGHT_FORMATS; 'flax' reads a run too when `weights` is one.
+      which: 'model' (student), 'ema_model' (teacher) or 'imnet_model' (DAFormer only).
+
+    Returns:
+      (model, variables): the Segmentor of `model_cfg` and its {'params', 'batch_stats'}.
+    """
+    model_cfg = dict(model_cfg)
+    if fmt not in WEIGHT_FORMATS:
+        raise WeightsError(f"--weights-format={fmt!r}: expected one of {WEIGHT_FORMATS}")
+    if which not in WHICH:
+        raise WeightsError(f"--which={which!r}: expected one of {WHICH}")
+    model = segmentor.build_segmentor(model_cfg)
+    if fmt == "flax" and not checkpointing.is_weights_dir(weights):
+        if find_run(weights) is None:
+            raise WeightsError(
+                f"{weights} is not a pgpc_jax weights directory (model.json and variables/, from "
+                "`convert to-flax` or `export --format flax`) nor a training run directory "
+                "(config.json and checkpoints/, from `python -m pgpc_jax.main`)"
+            )
+        fmt = "run"
+    if fmt == "run":
+        found = _require_run(weights)
+        _check_run_which(which)
+        # The run's own config says which model it trained: compared before anything is read.
+        run_model = read_run_config(found.root).model.to_dict()
+        check_same_model(run_model, model_cfg, f"{weights} (its config.json)")
+        _, state, step = load_run(found.root, found.step, found.best)
+        folder = "best" if found.best else "checkpoints"
+        who = "student" if which == "model" else "EMA teacher"
+        _note(f"{weights}: the {who} of {found.root / folder / str(step)}")
+        if which == "ema_model":
+            _note(TEACHER_NOTE)
+        return model, run_variables(state, which)
+    if fmt == "flax":
+        stored = checkpointing.read_model_file(weights)["model"]
+        check_same_model(stored, model_cfg, weights)
+        variables = checkpointing.load_variables(weights, segmentor.abstract_variables(model))
+        return model, variables
+    variables, left = convert.to_flax(weights, fmt, model_cfg, which)
+    if left:
+        print(
+            f"warning: {weights} has no decode head; predictions come from an untrained head",
+            file=sys.stderr,
+        )
+    return model, variables
