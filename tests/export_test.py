@@ -1,9 +1,10 @@
 """A trained run is usable: `python -m pgpc_jax.export`, and `predict` / `evaluate` on a run.
 
-One tiny PGPC run is trained once for the module (`train.train_and_evaluate`, 2 steps on 2 of
-the 8 test devices, a checkpoint and an evaluation after each step, so `checkpoints/` holds steps
-1 and 2 and `best/` one of them). Then every command runs in a subprocess as a user runs it, on
-one device (so a checkpoint written by a 2-device run restores on one), several at a time:
+One tiny PGPC run is trained once for the module (`train.train_and_evaluate`, the 4 steps of
+tests/train_resume_test.py on one device, a checkpoint and an evaluation after each step, so
+`checkpoints/` holds steps 1 to 4 and `best/` one of them). Then every command runs in a
+subprocess as a user runs it, several at a time (tests/multiprocess_test.py restores a checkpoint
+of 2 processes x 4 devices on one device):
 
 * daformer: read by PyTorch as DAFormer's tools/test.py reads it (`model.` stripped by mmcv's
   key revision, loaded into the original segmentor of tests/torch_segmentor.py) gives our
@@ -100,8 +101,10 @@ def run(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("data"))
     args = ["--dataset", "synthetic_shift", "--config", "tiny", "--data_dir", data_dir]
     assert build.build(build.parse_args(args)) == 0
-    config = tiny_config(data_dir, 2, num_devices=2)
+    # The 4-step, 1-device run of tests/train_resume_test.py: the same compiled step.
+    config = tiny_config(data_dir, 4)
     config.checkpoint_every_steps = 1
+    config.keep_checkpoints = 4
     config.eval_every_steps = 1
     workdir = str(tmp_path_factory.mktemp("runs") / "tiny")
     train.train_and_evaluate(config, workdir)
@@ -249,13 +252,13 @@ def test_daformer_export_is_the_run_in_pytorch(run, cli):
     results, out, _, _ = cli
     _ok(results["daformer"])
     _ok(results["daformer_teacher"])
-    assert "wrote" in results["daformer"].stdout and "step 2" in results["daformer"].stdout
+    assert "wrote" in results["daformer"].stdout and "step 4" in results["daformer"].stdout
     assert "note: the teacher has no BatchNorm running statistics" in results["daformer"].stdout
     step, student, teacher = _student_and_teacher(workdir)
-    assert step == 2
+    assert step == 4
 
     saved = torch.load(f"{out}/student.pth", map_location="cpu", weights_only=True)
-    assert saved["meta"]["iter"] == 2
+    assert saved["meta"]["iter"] == 4
     assert list(saved["meta"]["CLASSES"]) == list(convert.class_table("cityscapes")[0])
     assert len(saved["meta"]["PALETTE"]) == 19
     state = {k: v.numpy() for k, v in saved["state_dict"].items()}
@@ -346,7 +349,7 @@ def test_mit_export_of_step_1_loads_into_the_original_mit(run, cli):
     backbone.load_state_dict(mit, strict=True)
 
     _, step1, _ = _student_and_teacher(workdir, step=1)
-    _, step2, _ = _student_and_teacher(workdir, step=2)
+    _, step2, _ = _student_and_teacher(workdir, step=2)  # a later step
     encoder = {k: v.numpy() for k, v in mit.items()}
     want = convert.from_flax(step1, "mit")
     _assert_same_tensors(encoder, want, "mit")
@@ -359,7 +362,7 @@ def test_mit_export_of_step_1_loads_into_the_original_mit(run, cli):
     [
         ("bad_hf", "HF SegFormer has only the SegFormer head; use --format daformer"),
         ("bad_no_run", "nope is not a training run directory (no such directory"),
-        ("bad_step", "checkpoint of step 7; it has steps [1, 2]"),
+        ("bad_step", "checkpoint of step 7; it has steps [1, 2, 3, 4]"),
         ("bad_step_and_best", "--step and --best exclude each other"),
         ("bad_format", "flag --format=onnx: value should be one of"),
         ("bad_out", "a_file is a file"),

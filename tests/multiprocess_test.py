@@ -1,0 +1,181 @@
+"""Two processes x 4 CPU devices on localhost, as a TPU pod slice or a multi-node GPU job runs
+(`python -m pgpc_jax.main --coordinator_address ... --num_processes 2 --process_id i`), against
+one process x 8 devices: the same losses step by step, the same final state and evaluation, each
+process's data position saved as its own, one set of log files; and a checkpoint written by the
+two processes resumes to the same state."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tiny_run import final_state, tiny_config
+
+from data_pipelines import build
+from pgpc_jax import metrics_logging, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+STEPS, BATCH = 4, 8  # a global batch of 8: one image per device
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data"))
+    args = ["--dataset", "synthetic_shift", "--config", "tiny", "--data_dir", out]
+    assert build.build(build.parse_args(args)) == 0
+    return out
+
+
+def _config(data_dir):
+    return tiny_config(data_dir, STEPS, batch_size=BATCH, num_devices=0)  # 0: every device
+
+
+def _config_file(tmp_path, data_dir) -> str:
+    """A config file for the subprocesses: the same config as `_config`."""
+    path = tmp_path / "two_processes.py"
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {TESTS!r})\n"
+        "from tiny_run import tiny_config\n\n\n"
+        "def get_config():\n"
+        f"    return tiny_config({data_dir!r}, {STEPS}, batch_size={BATCH}, num_devices=0)\n"
+    )
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(config_file: str, workdir: str) -> list[str]:
+    """Run `python -m pgpc_jax.main` as 2 processes of 4 CPU devices; returns their stdouts."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        # No persistent compilation cache: JAX writes it from process 0 only, and its entry
+        # does not serve process 1, so process 0 would start the step half a minute ahead and
+        # process 1's CPU collectives (gloo) would time out waiting. Both compile, in step.
+        "JAX_ENABLE_COMPILATION_CACHE": "false",
+    }
+    address = f"localhost:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pgpc_jax.main",
+                "--config",
+                config_file,
+                "--workdir",
+                workdir,
+                "--coordinator_address",
+                address,
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+            ],  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, f"process failed:\n{out[-3000:]}\n{err[-6000:]}"
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            proc.kill()
+    return outputs
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r for r in rows if "train/loss" in r}, rows
+
+
+def _assert_close_states(a, b, exact: bool):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        x, y = np.asarray(x), np.asarray(y)
+        if exact or not np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_array_equal(x, y)
+        else:  # the cross-process sums may add in another order
+            np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
+
+
+def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    config_file = _config_file(tmp_path, data_dir)
+    outputs = _two_processes(config_file, double)
+    # Only process 0 reports (the progress lines and the evaluation table).
+    assert "evaluation at step 4" in outputs[0] and "step 4/4" in outputs[0]
+    assert "evaluation at step" not in outputs[1] and "step 4/4" not in outputs[1]
+
+    train.train_and_evaluate(_config(data_dir), single)  # 1 process x the 8 test devices
+
+    # Step by step the same losses: the global batches are the same on either topology.
+    losses_1, _ = _losses(single)
+    losses_2, rows_2 = _losses(double)
+    assert sorted(losses_1) == sorted(losses_2) == [1, 2, 3, 4]
+    for step in losses_1:
+        for key, value in losses_1[step].items():
+            if key.startswith("train/"):
+                assert losses_2[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    evals = [r for r in rows_2 if "eval/miou" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 4
+
+    state_1, positions_1 = final_state(_config(data_dir), single)
+    state_2, positions_2 = final_state(_config(data_dir), double)
+    _assert_close_states(state_1, state_2, exact=False)
+
+    # One set of log files, written by process 0 alone.
+    assert sorted(os.listdir(double)) == sorted(os.listdir(single))
+    assert len(os.listdir(os.path.join(double, "tensorboard"))) == 1
+    (events,) = os.listdir(os.path.join(double, "tensorboard"))
+    steps = [
+        e["step"]
+        for e in metrics_logging.read_events(os.path.join(double, "tensorboard", events))
+        if "train/loss" in e["scalars"]
+    ]
+    assert steps == [1, 2, 3, 4]
+    # Each process saved its own data position.
+    for name in ("source", "target"):
+        saved = os.listdir(os.path.join(double, "checkpoints", "4", f"data_{name}"))
+        saved = sorted(f for f in saved if f.endswith(".json"))
+        assert saved == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    # Resume: the pair is killed after its step-2 checkpoint (checkpoint 4 never written, the
+    # logs of steps 3 and 4 already there); the same command resumes to the same state.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(double, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+    shutil.rmtree(os.path.join(resumed, "best"))
+    outputs = _two_processes(config_file, resumed)
+    assert "at step 2" in outputs[0]
+    state_3, positions_3 = final_state(_config(data_dir), resumed)
+    _assert_close_states(state_2, state_3, exact=True)
+    assert positions_3 == positions_2
+    losses_3, _ = _losses(resumed)
+    assert sorted(losses_3) == [1, 2, 3, 4]
+    assert {s: r["train/loss"] for s, r in losses_3.items()} == {
+        s: r["train/loss"] for s, r in losses_2.items()
+    }
