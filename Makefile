@@ -19,10 +19,13 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 run: $(VENV)/.runtime
 	$(BIN)/python -m pgpc_jax.main --config configs/synthetic.py --workdir runs/synthetic
 
+# Two pytest workers (one per core; a file's tests stay together so its module fixtures run
+# once), then the tests marked `serial`, alone: they start processes of their own.
 test: $(VENV)/.test
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=10
+	$(BIN)/python -m pytest -q -m serial --durations=5
 
 format: $(VENV)/.test
 	$(BIN)/ruff format .

@@ -149,9 +149,10 @@ def _has_checkpoints(root: epath.Path) -> bool:
 def _make_workdir(root: epath.Path, workdir: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".pgpc_jax_write_check"
-        probe.write_text("")
-        probe.unlink()
+        if jax.process_index() == 0:  # the processes may share the folder
+            probe = root / ".pgpc_jax_write_check"
+            probe.write_text("")
+            probe.unlink()
     except OSError as e:
         raise ConfigError(f"--workdir={workdir} cannot be created or written: {e}") from e
 

@@ -122,6 +122,7 @@ def _assert_close_states(a, b, exact: bool):
             np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.serial  # two processes of 4 devices each: alone on the CI machine's 2 cores
 def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
     config_file = _config_file(tmp_path, data_dir)

@@ -1,0 +1,124 @@
+"""The embedded PGPC config at test size, run as a user runs it, and what a finished run holds:
+shared by `kill_resume.py` and `two_processes.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIG = """\
+from configs import synthetic
+
+
+def get_config():
+    config = synthetic.get_config()
+    config.data.data_dir = {data_dir!r}
+    for group in (config.data.source, config.data.target, config.data.val):
+        group.dataset = "synthetic_shift/tiny"
+        group.batch_size = {batch_size}
+    for group in (config.data.source, config.data.target):
+        group.scale = ()
+        group.crop_size = (32, 32)
+    config.data.val.scale = ()
+    config.data.source.rcs_min_pixels = 10
+    config.contrast.grid = (5, 5)
+    config.contrast.num_anchors, config.contrast.num_negatives = 16, 32
+    config.contrast.num_unreliable = 16
+    config.model.head_embed_dim = config.model.head_channels = 16
+    config.mesh.num_devices = {num_devices}
+    config.num_train_steps = {steps}
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.eval_every_steps = {eval_every}
+    config.eval.num_visualizations = 1
+    return config
+"""
+
+
+def prepare(root: str, steps: int, batch_size: int = 2, num_devices: int = 1) -> str:
+    """Build the tiny embedded dataset under `root` and write the config file; returns its path."""
+    from data_pipelines import build
+
+    data_dir = os.path.join(root, "data")
+    if build.main(["--dataset", "synthetic_shift", "--config", "tiny", "--data_dir", data_dir]):
+        raise SystemExit(2)
+    path = os.path.join(root, f"config_b{batch_size}_d{num_devices}_s{steps}.py")
+    with open(path, "w") as f:
+        f.write(
+            CONFIG.format(
+                data_dir=data_dir,
+                batch_size=batch_size,
+                num_devices=num_devices,
+                steps=steps,
+                eval_every=max(1, steps // 2),
+            )
+        )
+    return path
+
+
+def command(config_file: str, workdir: str, *extra: str) -> list[str]:
+    """`python -m pgpc_jax.main --config FILE --workdir DIR ...`."""
+    cmd = [sys.executable, "-m", "pgpc_jax.main", "--config", config_file, "--workdir", workdir]
+    return cmd + list(extra)
+
+
+def env(devices: int = 1, cache_dir: str | None = None) -> dict:
+    """CPU JAX with `devices` devices; a persistent compilation cache when `cache_dir`."""
+    out = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    if cache_dir:
+        out["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+        out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+    else:
+        out["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    return out
+
+
+def load_config(config_file: str):
+    spec = importlib.util.spec_from_file_location("tiny_run_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def finished_run(config_file: str, workdir: str):
+    """What a run left: (state leaves as numpy, each process's data positions per iterator,
+    {step: training metrics}, the logged training steps in order, the evaluation rows)."""
+    import jax
+    import numpy as np
+
+    from pgpc_jax import checkpointing, train
+
+    _, _, abstract = train.abstract_train_state(load_config(config_file))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+    )
+    ckpts = checkpointing.RunCheckpoints(workdir)
+    state, step = ckpts.read(abstract)
+    ckpts.close()
+    leaves = []
+    for x in jax.tree.leaves(state):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        leaves.append(np.asarray(x))
+    positions = {}
+    for name in ("source", "target"):
+        folder = os.path.join(workdir, "checkpoints", str(step), f"data_{name}")
+        positions[name] = [
+            open(os.path.join(folder, f)).read()
+            for f in sorted(os.listdir(folder))
+            if f.startswith("process_")
+        ]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "train/loss" in r]
+    logged = {r["step"]: {k: v for k, v in r.items() if k.startswith("train/")} for r in train_rows}
+    evals = [{k: v for k, v in r.items() if k != "wall_time"} for r in rows if "eval/miou" in r]
+    return leaves, positions, logged, [r["step"] for r in train_rows], evals
