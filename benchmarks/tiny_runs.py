@@ -1,5 +1,5 @@
-"""The embedded PGPC config at test size, run as a user runs it, and what a finished run holds:
-shared by `kill_resume.py` and `two_processes.py`."""
+"""The embedded PGPC run at test size (`configs/tiny.py` `embedded_run`) as a user runs it, and
+what a finished run holds: shared by `kill_resume.py` and `two_processes.py`."""
 
 from __future__ import annotations
 
@@ -11,31 +11,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = """\
-from configs import synthetic
+from configs import tiny
 
 
 def get_config():
-    config = synthetic.get_config()
-    config.data.data_dir = {data_dir!r}
-    for group in (config.data.source, config.data.target, config.data.val):
-        group.dataset = "synthetic_shift/tiny"
-        group.batch_size = {batch_size}
-    for group in (config.data.source, config.data.target):
-        group.scale = ()
-        group.crop_size = (32, 32)
-    config.data.val.scale = ()
-    config.data.source.rcs_min_pixels = 10
-    config.contrast.grid = (5, 5)
-    config.contrast.num_anchors, config.contrast.num_negatives = 16, 32
-    config.contrast.num_unreliable = 16
-    config.model.head_embed_dim = config.model.head_channels = 16
-    config.mesh.num_devices = {num_devices}
-    config.num_train_steps = {steps}
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-    config.eval_every_steps = {eval_every}
-    config.eval.num_visualizations = 1
-    return config
+    return tiny.embedded_run(
+        {data_dir!r}, {steps}, batch_size={batch_size}, num_devices={num_devices},
+        eval_every_steps={eval_every},
+    )
 """
 
 

@@ -337,25 +337,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file(
         "config", None, "Config whose `model` and `eval` groups are used.", lock_config=True
     )
-    flags.DEFINE_string(
-        "weights",
-        None,
-        "Weights: a Flax weights directory, a training run directory (RUN, RUN/best, "
-        "RUN/checkpoints/<step>) or a PyTorch / HF checkpoint.",
-    )
-    flags.DEFINE_enum(
-        "weights-format",
-        "flax",
-        list(weights.WEIGHT_FORMATS),
-        "Format of --weights; a run directory is recognised when left at flax.",
-    )
-    flags.DEFINE_enum(
-        "which",
-        "model",
-        list(weights.WHICH),
-        "Network: the student ('model'), the EMA teacher ('ema_model': runs and DAFormer "
-        "checkpoints) or DAFormer's ImageNet copy ('imnet_model').",
-    )
+    weights.define_flags()
     flags.DEFINE_string("images", None, "Folder of images (searched recursively).")
     flags.DEFINE_string("labels", None, "Folder of train-id label PNGs, same sub-folders.")
     flags.DEFINE_string(

@@ -254,3 +254,28 @@ def load_model(model_cfg: Mapping, weights: str, fmt: str = "flax", which: str =
             file=sys.stderr,
         )
     return model, variables
+
+
+def define_flags() -> None:
+    """--weights, --weights-format and --which, as `predict` and `evaluate` take them."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "weights",
+        None,
+        "Weights: a Flax weights directory, a training run directory (RUN, RUN/best, "
+        "RUN/checkpoints/<step>) or a PyTorch / HF checkpoint.",
+    )
+    flags.DEFINE_enum(
+        "weights-format",
+        "flax",
+        list(WEIGHT_FORMATS),
+        "Format of --weights; a run directory is recognised when left at flax.",
+    )
+    flags.DEFINE_enum(
+        "which",
+        "model",
+        list(WHICH),
+        "Network: the student ('model'), the EMA teacher ('ema_model': runs and DAFormer "
+        "checkpoints) or DAFormer's ImageNet copy ('imnet_model').",
+    )

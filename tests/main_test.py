@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from tiny_run import build_tiny_data
 from tiny_run import tiny_config as _config
 
 from configs import gta2cs
-from data_pipelines import build
 from pgpc_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,10 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    args = ["--dataset", "synthetic_shift", "--config", "tiny", "--data_dir", out]
-    assert build.build(build.parse_args(args)) == 0
-    return out
+    return build_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 def _real_config(data_dir):

@@ -14,22 +14,17 @@ import sys
 import jax
 import numpy as np
 import pytest
-from tiny_run import final_state, tiny_config
+from tiny_run import build_tiny_data, final_state, tiny_config
 
-from data_pipelines import build
 from pgpc_jax import metrics_logging, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 STEPS, BATCH = 4, 8  # a global batch of 8: one image per device
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    args = ["--dataset", "synthetic_shift", "--config", "tiny", "--data_dir", out]
-    assert build.build(build.parse_args(args)) == 0
-    return out
+    return build_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 def _config(data_dir):
@@ -40,11 +35,9 @@ def _config_file(tmp_path, data_dir) -> str:
     """A config file for the subprocesses: the same config as `_config`."""
     path = tmp_path / "two_processes.py"
     path.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {TESTS!r})\n"
-        "from tiny_run import tiny_config\n\n\n"
+        "from configs import tiny\n\n\n"
         "def get_config():\n"
-        f"    return tiny_config({data_dir!r}, {STEPS}, batch_size={BATCH}, num_devices=0)\n"
+        f"    return tiny.embedded_run({data_dir!r}, {STEPS}, batch_size={BATCH}, num_devices=0)\n"
     )
     return str(path)
 

@@ -11,20 +11,16 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from tiny_run import final_state
+from tiny_run import build_tiny_data, final_state
 from tiny_run import tiny_config as _config
 
-from data_pipelines import build
 from pgpc_jax import checkpointing, metrics_logging, train
 from pgpc_jax.config_checks import ConfigError
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data"))
-    args = ["--dataset", "synthetic_shift", "--config", "tiny", "--data_dir", out]
-    assert build.build(build.parse_args(args)) == 0
-    return out
+    return build_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 class Preempted(Exception):
