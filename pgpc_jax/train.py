@@ -254,6 +254,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         if resuming:
             _check_resumable(config, root, ckpts, abstract)
+            saved = root / "config.json"
+            changed = (
+                config_differences(json.loads(saved.read_text()), config) if saved.exists() else []
+            )
+            if changed:  # allowed (it fits the checkpoint), but said: config.json is replaced
+                _say(f"note: resuming with config changes: {', '.join(changed)}")
         if primary:
             (root / "config.json").write_text(config.to_json_best_effort(indent=2))
 

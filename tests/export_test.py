@@ -30,7 +30,6 @@ import sys
 
 import data_fixtures
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -270,19 +269,12 @@ def test_daformer_export_is_the_run_in_pytorch(run, cli):
     network = {k: v for k, v in revised.items() if not k.startswith("ema_")}
     assert set(revised) - set(network) == {f"ema_{k}" for k in network}
     model_cfg = config.model.to_dict()
-    reference = torch_segmentor.torch_model_for(model_cfg).eval()
-    reference.load_state_dict(network, strict=True)
+    reference = torch_segmentor.load_as_daformer_test(f"{out}/student.pth", model_cfg)
 
     image = np.random.default_rng(1).standard_normal((1, *IMAGE_HW, 3)).astype(np.float32)
-    with torch.no_grad():
-        want = reference(torch.from_numpy(image.transpose(0, 3, 1, 2))).numpy()
     model = segmentor.build_segmentor(model_cfg)
-    logits = jax.jit(lambda v, x: evaluation.whole_inference(model, v, x))(
-        student, jnp.asarray(image)
-    )
-    got = np.asarray(logits).transpose(0, 3, 1, 2)
-    assert got.shape == want.shape == (1, 19, *IMAGE_HW)
-    error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    predict_fn = jax.jit(lambda v, x: evaluation.whole_inference(model, v, x))
+    error = torch_segmentor.logits_error(reference, lambda x: predict_fn(student, x), image)
     print(f"daformer export in PyTorch vs JAX: max |logit diff| / max |logit| = {error:.2e}")
     assert error <= RTOL
 

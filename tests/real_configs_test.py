@@ -5,7 +5,8 @@ Every real config's dataset and split names open and its crops fit. Each benchma
 then runs end to end through `python -m pgpc_jax.main`'s entry point with only the model size and
 the step counts overridden: the real crops, scales, batch, rare-class sampling, feature distance
 from an ImageNet-format (NVlabs `mit`) encoder file, contrast grid and evaluation scale; 2 steps,
-evaluation, checkpoints, and a re-run that resumes from the workdir.
+evaluation, checkpoints, an export read back by PyTorch as DAFormer's tools/test.py reads it (same
+logits), and a re-run that resumes from the workdir.
 """
 
 import importlib
@@ -14,10 +15,12 @@ import os
 
 import data_fixtures as fx
 import jax
+import numpy as np
 import pytest
+import torch_segmentor
 
 from data_pipelines import build
-from pgpc_jax import convert, main, sharding, train
+from pgpc_jax import convert, evaluation, export, main, sharding, train, weights
 from pgpc_jax.models import segmentor
 
 BENCHMARKS = ("gta2cs", "synthia2cs", "cs2darkzurich")
@@ -96,6 +99,19 @@ def test_benchmark_config_end_to_end(name, data_dir, imagenet_file, tmp_path, ca
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
     assert os.listdir(os.path.join(workdir, "best")) == ["2"]
     assert os.listdir(os.path.join(workdir, "predictions", "step_000002"))
+
+    # The trained run exported for DAFormer's tools/test.py gives our logits in PyTorch.
+    export.export_run(workdir, "daformer", str(tmp_path / "run.pth"))
+    reference = torch_segmentor.load_as_daformer_test(str(tmp_path / "run.pth"), config.model)
+    _, state, _ = weights.load_run(workdir)
+    model = segmentor.build_segmentor(config.model)
+    image = np.random.default_rng(0).standard_normal((1, 75, 101, 3)).astype(np.float32)
+    error = torch_segmentor.logits_error(
+        reference,
+        lambda x: evaluation.whole_inference(model, weights.run_variables(state), x),
+        image,
+    )
+    assert error < 1e-5, error
 
     # The same command again resumes from the workdir: the run is done, so it evaluates.
     assert main.run(config, workdir) == 0

@@ -101,3 +101,27 @@ def torch_model_for(model_cfg: Mapping[str, Any]) -> TorchDAFormer:
         decoder_params=decoder_params,
     )
     return TorchDAFormer(backbone, head)
+
+
+def load_as_daformer_test(path: str, model_cfg: Mapping[str, Any]) -> TorchDAFormer:
+    """A `.pth` loaded the way DAFormer's tools/test.py loads it: `model.*` revised to the
+    segmentor's keys (`ema_model.*` become `ema_*` keys that mmcv's non-strict load skips); the
+    segmentor's own keys must all be there (strict on them), in eval mode."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    revised = revise_keys(saved["state_dict"])
+    network = {k: v for k, v in revised.items() if not k.startswith("ema_")}
+    model = torch_model_for(model_cfg)
+    model.load_state_dict(network, strict=True)
+    return model.eval()
+
+
+def logits_error(model: TorchDAFormer, jax_logits_fn, image) -> float:
+    """max |torch - JAX| / max |torch| of the logits of one image (numpy [1, H, W, 3]);
+    `jax_logits_fn(image)` returns JAX's [1, H, W, K] at the image size."""
+    import numpy as np
+
+    with torch.no_grad():
+        want = model(torch.from_numpy(image.transpose(0, 3, 1, 2).copy())).numpy()
+    got = np.asarray(jax_logits_fn(image)).transpose(0, 3, 1, 2)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
