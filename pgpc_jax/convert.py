@@ -128,7 +128,8 @@ def write_torch(path: str, state: State, meta: Mapping | None, legacy: bool) -> 
     """torch.save a state dict, wrapped as mmcv does (`state_dict` + `meta`) when meta is given.
     `legacy` writes the pre-1.6 non-zip serialisation that old PyTorch readers need."""
     torch = _torch()
-    tensors = {k: torch.from_numpy(np.asarray(v, order="C")) for k, v in state.items()}
+    # Writable copies: torch warns on (and may not own) read-only arrays such as device_get's.
+    tensors = {k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}
     obj = {"state_dict": tensors, "meta": dict(meta)} if meta is not None else tensors
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
