@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         if code:
             print(f"the uninterrupted run failed (exit {code})")
             return 1
-    want = tiny_runs.finished_run(config_file, reference)
+    want = tiny_runs.finished_run(reference)
 
     rng = random.Random(args.seed)
     failures = 0
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                 print(f"| {trial} | {kills} | {launches} | run failed (exit {code}) | | |")
                 failures += 1
                 break
-            got = tiny_runs.finished_run(config_file, workdir)
+            got = tiny_runs.finished_run(workdir)
             same_state = len(got[0]) == len(want[0]) and all(
                 a.dtype == b.dtype and a.shape == b.shape and (a == b).all()
                 for a, b in zip(got[0], want[0])

@@ -3,7 +3,6 @@ what a finished run holds: shared by `kill_resume.py` and `two_processes.py`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -64,29 +63,15 @@ def env(devices: int = 1, cache_dir: str | None = None) -> dict:
     return out
 
 
-def load_config(config_file: str):
-    spec = importlib.util.spec_from_file_location("tiny_run_config", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def finished_run(config_file: str, workdir: str):
+def finished_run(workdir: str):
     """What a run left: (state leaves as numpy, each process's data positions per iterator,
     {step: training metrics}, the logged training steps in order, the evaluation rows)."""
     import jax
     import numpy as np
 
-    from pgpc_jax import checkpointing, train
+    from pgpc_jax import weights
 
-    _, _, abstract = train.abstract_train_state(load_config(config_file))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
-    )
-    ckpts = checkpointing.RunCheckpoints(workdir)
-    state, step = ckpts.read(abstract)
-    ckpts.close()
+    _, state, step = weights.load_run(workdir)
     leaves = []
     for x in jax.tree.leaves(state):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):

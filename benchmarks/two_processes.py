@@ -67,8 +67,8 @@ def main(argv=None) -> int:
         [tiny_runs.command(config_file, double, *flags, str(i)) for i in range(2)],
         tiny_runs.env(4),
     )
-    a = tiny_runs.finished_run(config_file, single)
-    b = tiny_runs.finished_run(config_file, double)
+    a = tiny_runs.finished_run(single)
+    b = tiny_runs.finished_run(double)
 
     print("| step | loss, 1 process x 8 | loss, 2 processes x 4 | relative difference |")
     print("|---:|---:|---:|---:|")

@@ -137,8 +137,8 @@ def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
     evals = [r for r in rows_2 if "eval/miou" in r]
     assert len(evals) == 1 and evals[0]["step"] == 4
 
-    state_1, positions_1 = final_state(_config(data_dir), single)
-    state_2, positions_2 = final_state(_config(data_dir), double)
+    state_1, positions_1 = final_state(single)
+    state_2, positions_2 = final_state(double)
     _assert_close_states(state_1, state_2, exact=False)
 
     # One set of log files, written by process 0 alone.
@@ -165,7 +165,7 @@ def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
     shutil.rmtree(os.path.join(resumed, "best"))
     outputs = _two_processes(config_file, resumed)
     assert "at step 2" in outputs[0]
-    state_3, positions_3 = final_state(_config(data_dir), resumed)
+    state_3, positions_3 = final_state(resumed)
     _assert_close_states(state_2, state_3, exact=True)
     assert positions_3 == positions_2
     losses_3, _ = _losses(resumed)

@@ -9,7 +9,7 @@ import jax
 
 from configs import tiny
 from data_pipelines import build
-from pgpc_jax import checkpointing, train
+from pgpc_jax import weights
 
 
 def tiny_config(data_dir: str, steps: int, batch_size: int = 2, num_devices: int = 1):
@@ -24,17 +24,10 @@ def build_tiny_data(data_dir: str) -> str:
     return str(data_dir)
 
 
-def final_state(config, workdir: str):
+def final_state(workdir: str):
     """(the latest checkpoint's TrainState on the host, {iterator name: [each process's saved
     position]}), read in this process whatever process count wrote it."""
-    _, _, abstract = train.abstract_train_state(config)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
-    )
-    ckpts = checkpointing.RunCheckpoints(workdir, keep=config.keep_checkpoints)
-    state, step = ckpts.read(abstract)
-    ckpts.close()
+    _, state, step = weights.load_run(workdir)
     positions = {}
     for name in ("source", "target"):
         folder = os.path.join(workdir, "checkpoints", str(step), f"data_{name}")

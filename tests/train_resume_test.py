@@ -32,7 +32,7 @@ def straight_run(data_dir, tmp_path_factory):
     """4 uninterrupted steps (checkpoints 2 and 4): (workdir, final state, data positions)."""
     workdir = str(tmp_path_factory.mktemp("straight") / "run")
     train.train_and_evaluate(_config(data_dir, 4), workdir)
-    state, positions = final_state(_config(data_dir, 4), workdir)
+    state, positions = final_state(workdir)
     return workdir, state, positions
 
 
@@ -77,7 +77,7 @@ def test_resume_equals_uninterrupted(data_dir, straight_run, tmp_path, monkeypat
     metrics = train.train_and_evaluate(_config(data_dir, 4), resumed)
     assert "eval/miou" in metrics
 
-    state_b, data_b = final_state(_config(data_dir, 4), resumed)
+    state_b, data_b = final_state(resumed)
     assert int(state_a.step) == int(state_b.step) == 4
     assert data_a == data_b and len(data_a["source"]) == 1
     _assert_same_state(state_a, state_b)
@@ -116,7 +116,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert f"resumed from {os.path.realpath(workdir)} at step 2" in out
     # Nothing lost: the damaged checkpoint is kept aside; the run redid steps 3 and 4 exactly.
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged-4"))
-    state_b, _ = final_state(_config(data_dir, 4), workdir)
+    state_b, _ = final_state(workdir)
     _assert_same_state(state_a, state_b)
     jsonl, tensorboard, _ = _logged_steps(workdir)
     assert jsonl == tensorboard == [1, 2, 3, 4]
@@ -147,7 +147,7 @@ def test_a_non_finite_state_is_never_saved(data_dir, tmp_path, monkeypatch):
     assert "the latest checkpoint, step 2, is the last finite state" in message
     assert "\n" not in message
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
-    state, _ = final_state(config, workdir)
+    state, _ = final_state(workdir)
     assert int(state.step) == 2
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
