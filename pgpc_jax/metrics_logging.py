@@ -255,13 +255,6 @@ def non_finite_message(
     )
 
 
-def check_finite(metrics: Mapping[str, float], step: int) -> None:
-    """Raise `NonFiniteLossError` naming the step and every non-finite term."""
-    message = non_finite_message(metrics, step)
-    if message:
-        raise NonFiniteLossError(message)
-
-
 def _json_value(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None

@@ -105,14 +105,15 @@ def test_progress_line_eta():
     assert line == "step 1200/40000  loss 0.812  lr 5.8e-05  2.31 steps/s  ETA 4h39m"
 
 
-def test_check_finite_names_step_and_terms():
-    ml.check_finite({"train/loss": 0.5, "train/lr": 6e-5}, 10)
-    with pytest.raises(ml.NonFiniteLossError) as err:
-        ml.check_finite(
-            {"train/loss": float("nan"), "train/loss_src": 0.3, "train/loss_mix": float("inf")},
-            1234,
-        )
-    message = str(err.value)
+def test_non_finite_message_names_step_and_terms():
+    assert ml.non_finite_message({"train/loss": 0.5, "train/lr": 6e-5}, 10) is None
+    message = ml.non_finite_message(
+        {"train/loss": float("nan"), "train/loss_src": 0.3, "train/loss_mix": float("inf")},
+        1234,
+        kept=1000,
+    )
     assert "step 1234" in message
     assert "train/loss=nan" in message and "train/loss_mix=inf" in message
     assert "loss_src" not in message
+    assert "the latest checkpoint, step 1000, is the last finite state" in message
+    assert "non-finite parameters" in ml.non_finite_message({"train/loss": 0.5}, 7, False)
