@@ -5,14 +5,14 @@ Each run is `python -m pgpc_jax.main --config <config> --workdir <root>/<name>/s
 repeated (and an interrupted one resumes), so the command can be re-run until the table is full.
 
   python benchmarks/embedded_benchmark.py --root runs/bench --seeds 0 1 2 \
-      --run source_only=configs/synthetic_source_only.py \
-      --run daformer=configs/synthetic_daformer.py \
-      --run pgpc=configs/synthetic.py \
-      --run "cluda=configs/synthetic.py --config.contrast.variant=cluda"
+      --run source_only=configs/synthetic.py:source_only \
+      --run daformer=configs/synthetic.py:daformer \
+      --run pgpc=configs/synthetic.py:pgpc \
+      --run "cluda=configs/synthetic.py:pgpc --config.pgpc.variant=cluda"
 
-`--run NAME=CONFIG [--config.key=value ...]` names a row; `--extra="--config.k=v ..."` (with
-the `=`) adds overrides to every run, e.g. a dataset built elsewhere:
-`--extra=--config.data.data_dir=/tmp/tfds`; `--table_only` prints what exists.
+`--run NAME=CONFIG[:METHOD] [--config.key=value ...]` names a row (NAME ends at the first
+`=`); `--extra="--config.k=v ..."` (with the `=`) adds overrides to every run, e.g. a dataset
+built elsewhere: `--extra=--config.data.data_dir=/tmp/tfds`; `--table_only` prints what exists.
 """
 
 from __future__ import annotations

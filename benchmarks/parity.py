@@ -95,7 +95,8 @@ def measure(name: str, seed: int = 0) -> dict[str, float]:
         out = hf(torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
     ref_feats = [f.numpy().transpose(0, 2, 3, 1) for f in out.hidden_states]
     ref_logits = out.logits.numpy().transpose(0, 2, 3, 1)
-    logits, feats = jax.jit(lambda v, x: ours.apply(v, x, train=False))(variables, images)
+    outputs = jax.jit(lambda v, x: ours.apply(v, x, train=False))(variables, images)
+    logits, feats = outputs["logits"], outputs["features"]
     errors = {
         f"stage{i + 1}": relative_error(np.asarray(f), r)
         for i, (f, r) in enumerate(zip(feats, ref_feats))

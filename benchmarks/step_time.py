@@ -5,9 +5,11 @@ same shardings and donation, then times `--steps` steps after `--warmup` (compil
 Several configs can be given; each is measured in turn in the same process, so their ratio is
 what one run's step costs relative to another on the same device.
 
-  python benchmarks/step_time.py --config configs/gta2cs_daformer.py --config configs/gta2cs.py
+  python benchmarks/step_time.py --config configs/gta2cs.py:daformer --config configs/gta2cs.py
   python benchmarks/step_time.py --config configs/synthetic.py --set data.source.crop_size=128,128
-  python benchmarks/step_time.py --flops --config configs/gta2cs_daformer.py --config configs/gta2cs.py
+  python benchmarks/step_time.py --flops --config configs/gta2cs.py:daformer --config configs/gta2cs.py
+
+`--config path[:method]` is read as `python -m pgpc_jax.main --config` reads it.
 
 `--set key=value` overrides apply to every config (python literals: 1e-3, (128, 128), 'b5').
 Prints a markdown table: config, device, compile s, ms/step (median over the timed steps),
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import os
 import statistics
 import sys
@@ -34,17 +35,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pgpc_jax import optim, sharding  # noqa: E402
+from pgpc_jax import cli, methods, optim, sharding  # noqa: E402
 from pgpc_jax.models import segmentor  # noqa: E402
 from pgpc_jax.train_state import create_train_state  # noqa: E402
 from pgpc_jax.train_step import make_train_step  # noqa: E402
 
 
 def load_config(path: str, overrides: list[str]):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    """The config of `path[:method]` with the `--set key=value` overrides applied."""
+    config = cli.load_config(path)
     for item in overrides:
         key, _, raw = item.partition("=")
         try:
@@ -78,22 +77,24 @@ def random_batches(config, rng: np.random.Generator):
 def build(config, abstract: bool = False):
     """Model, optimizer and step-0 state as `pgpc_jax.train` makes them; with `abstract`, the
     state is shapes and dtypes only (nothing allocated)."""
-    model = segmentor.build_segmentor(config.model)
+    model = methods.build_model(config)
     shaped = jax.eval_shape if abstract else (lambda fn, *args: fn(*args))
     variables = shaped(lambda: segmentor.init_variables(model, jax.random.key(config.seed)))
-    tx = optim.make_optimizer(variables["params"], config.num_train_steps, **config.optimizer)
-    state = shaped(lambda v: create_train_state(config, v, tx), variables)
-    return model, tx, state
+    optimizer = optim.make_optimizer(
+        variables["params"], config.num_train_steps, **config.optimizer
+    )
+    state = shaped(lambda v: create_train_state(config, v, optimizer.tx), variables)
+    return model, optimizer, state
 
 
 def measure(config, steps: int, warmup: int) -> dict:
     mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    model, tx, state = build(config)
+    model, optimizer, state = build(config)
     state = sharding.replicate(state, mesh)
     state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
     batch = sharding.batch_sharding(mesh)
     step = jax.jit(
-        make_train_step(config, model, tx),
+        make_train_step(config, model, optimizer),
         in_shardings=(state_sharding, batch, batch),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -124,9 +125,9 @@ def measure(config, steps: int, warmup: int) -> dict:
 
 def count_flops(config) -> dict:
     """XLA's operation count of one training step, traced on shapes only (nothing allocated)."""
-    model, tx, state = build(config, abstract=True)
+    model, optimizer, state = build(config, abstract=True)
     batches = jax.eval_shape(lambda: random_batches(config, np.random.default_rng(0)))
-    lowered = jax.jit(make_train_step(config, model, tx)).lower(state, *batches)
+    lowered = jax.jit(make_train_step(config, model, optimizer)).lower(state, *batches)
     cost = lowered.cost_analysis() or {}
     if "flops" not in cost:
         raise SystemExit(f"--flops: this backend ({jax.default_backend()}) gives no cost analysis")

@@ -1,6 +1,7 @@
 """Base configuration: the DAFormer recipe (GTA5 -> Cityscapes), every number from the original.
 
-Every other config starts from this one (see `configs/gta2cs.py`). The numbers and the file each
+Every benchmark config (`configs/gta2cs.py`, ...) starts from this one and then picks its method
+(`pgpc_jax.methods.configure`), which adds the method's own group. The numbers and the file each
 comes from are listed in `docs/method.md`; the reference is lhoyer/DAFormer's
 `configs/daformer/gta2cs_uda_warm_fdthings_rcs_croppl_a999_daformer_mitb5_s0.py` and its bases.
 
@@ -9,9 +10,7 @@ comes from are listed in `docs/method.md`; the reference is lhoyer/DAFormer's
 
 import ml_collections
 
-# DAFormer's thing classes for the ImageNet feature distance: traffic light, traffic sign,
-# person, rider, car, truck, bus, train, motorcycle, bicycle.
-THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+from data_pipelines.labels import THING_CLASSES
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -79,55 +78,13 @@ def get_data_config() -> ml_collections.ConfigDict:
     return data
 
 
-def get_contrast_config() -> ml_collections.ConfigDict:
-    """The `contrast` group: a pixel-contrast loss on the encoder features ('none' = DAFormer).
-
-    [released] = PGPC's released training step / the CLUDA loss it calls; [reconstructed] = this
-    project's completion of the PGPC paper (docs/method.md says why each value).
-    """
-    return ml_collections.ConfigDict(
-        dict(
-            # 'none' (DAFormer), 'pgpc' (reconstructed PGPC), 'cluda' (the released loss).
-            variant="none",
-            # Loss weight and first step [released: 1.0 from step 0].
-            weight=1.0,
-            start_step=0,
-            # Grid the fused encoder features are sampled on [released: 65x65 for 512 crops].
-            grid=(65, 65),
-            # Labels to the grid: 'nearest' (one pixel per cell, PyTorch's legacy rule, released)
-            # or 'majority' (the most frequent label of the cell's pixels; other per-pixel facts
-            # stay nearest-sampled).
-            label_grid="nearest",
-            # cluda: reproduce the reference's feature/label flattening mismatch for B > 1.
-            cluda_order_quirk=False,
-            # pgpc [reconstructed]:
-            temperature=0.1,
-            reliable_threshold=0.968,
-            prototype_momentum=0.99,
-            num_anchors=1024,
-            num_negatives=2048,
-            num_unreliable=1024,
-            # An unreliable target pixel is a negative for the classes outside its teacher top-K.
-            unreliable_topk=3,
-            unreliable_negatives=True,
-            # Source pixels (source images, pasted source) as anchors, besides target pixels.
-            source_anchors=True,
-            # 'prototype' (pixel-to-prototype pull) or 'pixel' (same-class pixels).
-            positives="prototype",
-        )
-    )
-
-
-def use_pgpc(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """PGPC as released on top of a DAFormer config: the contrast loss, lambda_t = 0.8, 60k steps
-    (scaled with the config's own length elsewhere)."""
-    config.contrast.variant = "pgpc"
-    config.uda.target_weight = 0.8
-    return config
-
-
 def get_config() -> ml_collections.ConfigDict:
+    """The shared recipe, without a method: `pgpc_jax.methods.configure(config, name)` sets
+    `config.method` and adds the method's group."""
     config = ml_collections.ConfigDict()
+    # The training method, one of `pgpc_jax.methods.METHODS`; set by the benchmark config's
+    # argument (`--config configs/gta2cs.py:daformer`), not by an override.
+    config.method = ""
     config.seed = 0
     config.model = get_model_config()
     # Label space of the model's outputs (names and colours from data_pipelines.labels).
@@ -164,11 +121,10 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Self-training (DACS as configured by DAFormer, `_base_/uda/dacs.py` + the final config).
+    # Self-training shared by the methods that use it (DACS as configured by DAFormer,
+    # `_base_/uda/dacs.py` + the final config).
     config.uda = ml_collections.ConfigDict(
         dict(
-            # 'dacs' (teacher, pseudo-labels, ClassMix) or 'source_only'.
-            method="dacs",
             ema_alpha=0.999,
             pseudo_threshold=0.968,
             # 'scalar': DAFormer's one weight per batch (share of confident pixels);
@@ -189,8 +145,6 @@ def get_config() -> ml_collections.ConfigDict:
             fd_min_ratio=0.75,
         )
     )
-
-    config.contrast = get_contrast_config()
 
     config.eval = ml_collections.ConfigDict(
         dict(

@@ -7,10 +7,12 @@ benchmarks/kill_resume.py and benchmarks/two_processes.py scripts train.
 """
 
 from configs import base, synthetic
+from pgpc_jax import methods
 
 
-def get_config():
-    config = base.get_config()
+def get_config(method: str | None = None):
+    """The base recipe with the tiny model, training `method` (default PGPC)."""
+    config = methods.configure(base.get_config(), method)
     config.model.backbone = "tiny"
     config.model.head_embed_dim = 32
     config.model.head_channels = 32
@@ -38,10 +40,10 @@ def embedded_run(
         group.crop_size = (32, 32)
     config.data.val.scale = ()
     config.data.source.rcs_min_pixels = 10
-    config.contrast.grid = (5, 5)
-    config.contrast.num_anchors = 16
-    config.contrast.num_negatives = 32
-    config.contrast.num_unreliable = 16
+    config.pgpc.grid = (5, 5)
+    config.pgpc.num_anchors = 16
+    config.pgpc.num_negatives = 32
+    config.pgpc.num_unreliable = 16
     config.model.head_embed_dim = config.model.head_channels = 16
     config.mesh.num_devices = num_devices
     config.num_train_steps = steps

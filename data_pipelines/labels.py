@@ -1,8 +1,11 @@
 """The 19-class Cityscapes label space and the id maps of every dataset that feeds it.
 
 Everything that names a class lives here, once: the class names, the Cityscapes colour palette,
-the mIoU16 / mIoU13 evaluation subsets used for SYNTHIA, and the lookup tables that turn each
-dataset's raw label ids into the 19 train ids (everything else becomes ``IGNORE_INDEX``).
+the mIoU16 / mIoU13 evaluation subsets used for SYNTHIA, the thing classes of the ImageNet feature
+distance, and the lookup tables that turn each dataset's raw label ids into the 19 train ids
+(everything else becomes ``IGNORE_INDEX``). The ImageNet mean / std of the input normalisation
+live here too, so that the data pipeline, the on-device augmentation and prediction share one
+definition (numpy only: this module must not import JAX).
 
 Sources: the Cityscapes table is `cityscapesscripts.helpers.labels` (a test checks it), used by
 DAFormer `tools/convert_datasets/{cityscapes,gta}.py`; the SYNTHIA table is DAFormer
@@ -13,7 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
+# The label that is neither trained on nor evaluated (mmseg `ignore_index`, Cityscapes trainId 255).
 IGNORE_INDEX = 255
+
+# ImageNet mean / std of DAFormer's `img_norm_cfg` (mean=[123.675, 116.28, 103.53],
+# std=[58.395, 57.12, 57.375], to_rgb=True): in R, G, B order, on [0, 255] pixels.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 
 CLASSES = (
     "road",
@@ -66,7 +75,9 @@ MIOU16_CLASSES = tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16))
 # mIoU13 additionally drops wall, fence and pole (common practice for SYNTHIA→Cityscapes).
 MIOU13_CLASSES = tuple(c for c in MIOU16_CLASSES if c not in (3, 4, 5))
 
-# Thing classes used by DAFormer's ImageNet feature distance (`imnet_feature_dist_classes`).
+# Thing classes of DAFormer's ImageNet feature distance: traffic light, traffic sign, person,
+# rider, car, truck, bus, train, motorcycle, bicycle (`imnet_feature_dist_classes` of
+# `_base_/uda/dacs_a999_fdthings.py`).
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
 # Cityscapes label id -> train id; GTA5 labels use the same ids (DAFormer gta.py).

@@ -4,7 +4,7 @@ Every pipeline takes any `Sequence[dict]` (a `sources.SegmentationSource`, or a 
 small runs) whose elements hold `image` uint8 [H, W, 3] and `label` uint8 [H, W] (or [H, W, 1]),
 and returns a batched `grain.MapDataset` of static-shape numpy dicts
     image  float32 [B, h, w, 3] normalised as DAFormer (or uint8 with normalize=False, so the
-           normalisation can run on device: `(x - transforms.MEAN_RGB) / transforms.STD_RGB`)
+           normalisation can run on device: `(x - labels.IMAGENET_MEAN) / labels.IMAGENET_STD`)
     label  int32 [B, h, w] train ids, 255 = ignore
 B is the per-process batch; the global batch is G = B * P over P processes. The training
 pipelines define one global stream of examples whose element i depends only on (seed, i); global

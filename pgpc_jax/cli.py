@@ -23,15 +23,23 @@ def _config_file(argv: list[str]) -> str | None:
     return None
 
 
+def load_config(spec: str):
+    """The config of `path[:arg]`, as `--config` reads it (`configs/gta2cs.py:daformer` calls
+    `get_config('daformer')`), for scripts that take a config file outside absl flags."""
+    from ml_collections import config_flags
+
+    path, sep, arg = spec.partition(":")
+    module = config_flags.config_flags._LoadConfigModule("config", path)
+    return module.get_config(arg) if sep else module.get_config()
+
+
 def _bad_override(argv: list[str]) -> str | None:
     """Describe the first `--config.` override whose key path does not exist."""
     path = _config_file(argv)
     if path is None:
         return None
-    from ml_collections import config_flags
-
     try:
-        config = config_flags.config_flags._LoadConfigModule("config", path).get_config()
+        config = load_config(path)
     except Exception:  # the file itself is broken: let the original error speak
         return None
     for arg in argv:

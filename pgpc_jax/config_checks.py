@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any
 
+from pgpc_jax import methods
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.mit import MIT_VARIANTS
 
@@ -75,9 +76,26 @@ def check_model(model: Any, prefix: str = "model") -> None:
             raise ConfigError(f"{prefix}.{key}={model[key]!r}: expected a rate in [0, 1)")
 
 
+def _check_method(config) -> None:
+    """`method` names a method, and the config carries that method's group and no other's (a
+    `--config.method=` override would keep the old method's group and recipe)."""
+    name = config.get("method", "")
+    if name not in methods.METHODS:
+        raise ConfigError(
+            f"method={name!r}: expected one of {', '.join(methods.METHODS)}; choose it with the "
+            "config's argument, e.g. --config configs/gta2cs.py:daformer"
+        )
+    stray = [m for m in methods.METHODS if m != name and m in config]
+    if stray:
+        raise ConfigError(
+            f"method={name!r} but the config has the {stray[0]!r} group: the method was changed "
+            f"by an override; choose it with the config's argument (--config FILE.py:{name})"
+        )
+
+
 def check_config(config: Any) -> None:
     """Raise `ConfigError` for the first value that cannot work (see the module docstring)."""
-    from pgpc_jax import evaluation, predict, train_step  # the step's own validators
+    from pgpc_jax import evaluation, predict
 
     check_model(config.model)
     for key in ("num_train_steps", "log_every_steps", "eval_every_steps"):
@@ -112,15 +130,15 @@ def check_config(config: Any) -> None:
     _pair(config.eval.crop_size, "eval.crop_size")
     _pair(config.eval.stride, "eval.stride")
 
+    _check_method(config)
     uda = config.uda
-    _choice(uda.method, "uda.method", train_step.METHODS)
     _choice(uda.pseudo_weight, "uda.pseudo_weight", ("scalar", "pixel"))
     _finite(uda.ema_alpha, "uda.ema_alpha")
     if uda.ema_alpha > 1:
         raise ConfigError(f"uda.ema_alpha={uda.ema_alpha!r}: expected a value in [0, 1]")
     _finite(uda.fd_lambda, "uda.fd_lambda")
     try:
-        train_step.contrast_settings(config)
+        methods.get(config.method).validate(config)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

@@ -13,6 +13,13 @@ Formats (see `torch_names.py`): `mit` (NVlabs mit_b*.pth), `mmseg` (mmseg >= 0.1
 `state_dict` with `model.` / `ema_model.` / `imnet_model.` prefixes, or bare `backbone.*`,
 `decode_head.*`). Every problem (not a checkpoint, missing / unexpected keys, shape mismatches)
 is reported before anything is written.
+
+Auxiliary heads (a method's extra heads, `auxiliary_head.<name>.*` as mmseg names them): to-torch
+writes the segmentor alone by default, as the originals evaluate it; `--auxiliary_heads=keep`
+keeps them (`--format daformer` only: `mit`, `mmseg` and `hf` cannot hold them, and say so).
+to-flax ignores a checkpoint's `auxiliary_head.*` tensors with a note, or with
+`--auxiliary_heads=keep` carries them into the weights directory, where a model built with those
+heads reads them (`weights.load_model(..., auxiliary_heads=...)`).
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -30,10 +38,16 @@ from pgpc_jax import checkpointing
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.models import segmentor
 from pgpc_jax.torch_names import (
+    AUXILIARY,
+    AUXILIARY_FORMATS,
+    AUXILIARY_OPTIONS,
     FORMATS,
     ConversionError,
+    auxiliary_head_name,
+    auxiliary_to_variables,
     canonical_to_variables,
     check_against,
+    split_auxiliary,
     variables_to_canonical,
 )
 
@@ -183,8 +197,115 @@ def write_hf(path: str, state: State, model_cfg: Mapping, classes: list[str]) ->
 # Conversions.
 
 
-def to_flax(src: str, fmt: str, model_cfg: Mapping, which: str = "model", unsafe_pickle=False):
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _heads(names) -> str:
+    names = sorted(names)
+    return f"auxiliary head{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}"
+
+
+def _ignored(src: str, names, count: int) -> str:
+    return (
+        f"{src}: ignored its {_heads(names)} ({count} tensors), which the model does not have: "
+        "the segmentor alone is read"
+    )
+
+
+def fit_canonical(
+    canonical: Mapping[str, np.ndarray],
+    model: segmentor.Segmentor,
+    src: str,
+    missing_auxiliary: str = "error",
+    extra_auxiliary: str = "drop",
+    note: Callable[[str], None] = _note,
+) -> tuple[dict, list[str]]:
+    """A canonical state dict -> the variables of `model`, auxiliary heads reconciled.
+
+    Auxiliary heads of the checkpoint that the model lacks are left out with one note (a SePiCo /
+    mmseg checkpoint evaluates with the plain segmentor), or with `extra_auxiliary='keep'`
+    carried along (`torch_names.auxiliary_to_variables`). A model head the checkpoint lacks is
+    an error naming it, or with `missing_auxiliary='init'` keeps its initialisation (a note).
+
+    Returns:
+      (variables, left_to_init): the Flax variables (numpy) and the `decode_head.*` keys left to
+      their initialisation (an encoder-only checkpoint).
+    """
+    if extra_auxiliary not in AUXILIARY_OPTIONS:
+        raise ConversionError(
+            f"--auxiliary_heads={extra_auxiliary!r}: expected one of {AUXILIARY_OPTIONS}"
+        )
+    template = segmentor.abstract_variables(model)
+    canonical, extra = split_auxiliary(canonical, [name for name, _ in model.auxiliary_heads])
+    left = check_against(canonical, template, src, missing_auxiliary)
+    if left:
+        init = jax.tree.map(np.asarray, segmentor.init_variables(model, jax.random.key(0)))
+        initial = variables_to_canonical(init)
+        canonical = {**{k: initial[k] for k in left}, **canonical}
+    variables = canonical_to_variables(canonical, template)
+    if extra:
+        count = sum(len(head) for head in extra.values())
+        if extra_auxiliary == "keep":
+            kept = auxiliary_to_variables(
+                {k: v for head in extra.values() for k, v in head.items()}
+            )
+            for collection, tree in kept.items():
+                variables.setdefault(collection, {}).setdefault(AUXILIARY, {}).update(
+                    tree[AUXILIARY]
+                )
+            note(f"{src}: kept its {_heads(extra)} ({count} tensors) beside the segmentor")
+        else:
+            note(_ignored(src, extra, count))
+    fresh = {auxiliary_head_name(k) for k in left} - {None}
+    if fresh:
+        note(f"{src} has no {_heads(fresh)}: it keeps its initialisation")
+    return variables, [k for k in left if auxiliary_head_name(k) is None]
+
+
+def fit_variables(
+    variables: Mapping,
+    model: segmentor.Segmentor,
+    src: str,
+    missing_auxiliary: str = "error",
+    note: Callable[[str], None] = _note,
+) -> dict:
+    """The variables of a weights directory or a run, with whatever auxiliary heads they hold
+    -> those of `model`, as `fit_canonical` reconciles them (unchanged where neither has any)."""
+    stored = auxiliary_head_names(variables)
+    if not model.auxiliary_heads:
+        if stored:
+            count = sum(
+                len(jax.tree.leaves(dict(t).get(AUXILIARY, {}))) for t in variables.values()
+            )
+            note(_ignored(src, stored, count))
+        return without_auxiliary(variables)
+    canonical = variables_to_canonical(variables)
+    return fit_canonical(canonical, model, src, missing_auxiliary, "drop", note)[0]
+
+
+def to_flax(
+    src: str,
+    fmt: str,
+    model_cfg: Mapping,
+    which: str = "model",
+    unsafe_pickle=False,
+    *,
+    auxiliary_heads: Mapping[str, Any] | None = None,
+    missing_auxiliary: str = "error",
+    extra_auxiliary: str = "drop",
+    note: Callable[[str], None] = _note,
+):
     """Read `src` in format `fmt` as variables of the model `model_cfg`.
+
+    Args:
+      auxiliary_heads: the model's auxiliary heads ({name: unbound module}, as
+        `segmentor.build_segmentor` takes them), read from `auxiliary_head.<name>.*`.
+      missing_auxiliary: 'error' (a one-line error naming a head the file lacks) or 'init'
+        (the head keeps its initialisation).
+      extra_auxiliary: 'drop' (the file's other auxiliary heads are ignored, with a note) or
+        'keep' (carried into the variables).
+      note: called with each note line (default: `note: ...` on stderr).
 
     Returns (variables, left_to_init): the Flax variables (numpy) and the canonical keys that the
     checkpoint did not provide and keep their initialisation (the head, for an encoder-only file).
@@ -194,30 +315,91 @@ def to_flax(src: str, fmt: str, model_cfg: Mapping, which: str = "model", unsafe
     state = read_state(src, unsafe_pickle)
     to_canonical = FORMATS[fmt][0]
     canonical = to_canonical(state, which) if fmt == "daformer" else to_canonical(state)
-    model = segmentor.build_segmentor(model_cfg)
-    template = segmentor.abstract_variables(model)
-    left = check_against(canonical, template, src)
-    if left:
-        import jax
-
-        init = jax.tree.map(np.asarray, segmentor.init_variables(model, jax.random.key(0)))
-        initial = variables_to_canonical(init)
-        canonical = {**{k: initial[k] for k in left}, **canonical}
-    return canonical_to_variables(canonical, template), left
+    model = segmentor.build_segmentor(model_cfg, auxiliary_heads)
+    return fit_canonical(canonical, model, src, missing_auxiliary, extra_auxiliary, note)
 
 
-def from_flax(variables: Mapping, fmt: str) -> State:
-    """Flax variables -> a state dict in format `fmt` (numpy)."""
+_NO_AUXILIARY = {  # why a format cannot hold auxiliary heads
+    "mit": "NVlabs MiT keys: the encoder alone",
+    "mmseg": "mmseg MiT keys: the encoder alone",
+    "hf": "HF SegFormer, which has no auxiliary head",
+}
+
+
+def check_auxiliary_option(fmt: str, auxiliary_heads: str) -> None:
+    """Fail (one line) where `--auxiliary_heads` is not drop / keep, or keep asks a format that
+    cannot hold auxiliary heads ('flax', a weights directory, holds any variables)."""
+    if auxiliary_heads not in AUXILIARY_OPTIONS:
+        raise ConversionError(
+            f"--auxiliary_heads={auxiliary_heads!r}: expected one of {AUXILIARY_OPTIONS}"
+        )
+    if auxiliary_heads == "keep" and fmt not in (*AUXILIARY_FORMATS, "flax"):
+        raise ConversionError(
+            f"--auxiliary_heads=keep: --format {fmt} ({_NO_AUXILIARY.get(fmt, fmt)}) cannot hold "
+            "auxiliary heads; keep them with --format daformer, or leave them out (drop)"
+        )
+
+
+def auxiliary_head_names(variables: Mapping) -> list[str]:
+    """The auxiliary heads ({'params', 'batch_stats'} under `auxiliary_head/<name>`) of variables."""
+    return sorted({n for tree in variables.values() for n in dict(tree).get(AUXILIARY, {})})
+
+
+def without_auxiliary(variables: Mapping) -> dict:
+    """The variables of the segmentor alone (every collection without `auxiliary_head`)."""
+    return {c: {k: v for k, v in dict(t).items() if k != AUXILIARY} for c, t in variables.items()}
+
+
+def auxiliary_note(variables: Mapping, fmt: str, auxiliary_heads: str) -> list[str]:
+    """The note of an export that leaves the variables' auxiliary heads out (none otherwise)."""
+    names = auxiliary_head_names(variables)
+    if not names or auxiliary_heads == "keep":
+        return []
+    hint = "; --auxiliary_heads=keep keeps them" if fmt in (*AUXILIARY_FORMATS, "flax") else ""
+    return [f"note: left out the {_heads(names)}, as the originals evaluate without them{hint}"]
+
+
+def from_flax(variables: Mapping, fmt: str, auxiliary_heads: str = "drop") -> State:
+    """Flax variables -> a state dict in format `fmt` (numpy): the segmentor, and with
+    `auxiliary_heads='keep'` the auxiliary heads (`auxiliary_head.<name>.*`, daformer only)."""
     if fmt not in FORMATS:
         raise ConversionError(f"--format={fmt!r}: expected one of {sorted(FORMATS)}")
-    return FORMATS[fmt][1](variables_to_canonical(variables))
+    check_auxiliary_option(fmt, auxiliary_heads)
+    canonical = variables_to_canonical(variables)
+    if auxiliary_heads == "drop":
+        canonical, _ = split_auxiliary(canonical)
+    return FORMATS[fmt][1](canonical)
+
+
+def _stored_auxiliary(path: str) -> dict:
+    """{collection: its `auxiliary_head` subtree} of a weights directory, as ShapeDtypeStructs
+    from orbax's metadata ({} for the segmentor alone, or where the metadata cannot be read:
+    `checkpointing.load_variables` then says what is wrong)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            metadata = ckptr.metadata(checkpointing.run_path(path) / checkpointing.VARIABLES_DIR)
+    except Exception:  # orbax raises several types for a damaged directory
+        return {}
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = dict(getattr(tree, "tree", tree))
+    return {
+        c: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(sub)[AUXILIARY])
+        for c, sub in tree.items()
+        if AUXILIARY in dict(sub)
+    }
 
 
 def load_weights_dir(path: str) -> tuple[dict, dict, dict]:
-    """A Flax weights directory -> (variables, model config dict, meta)."""
+    """A Flax weights directory -> (variables, model config dict, meta). The variables hold the
+    directory's auxiliary heads if it has any (`export --auxiliary_heads=keep`)."""
     info = checkpointing.read_model_file(path)
     model = segmentor.build_segmentor(info["model"])
-    variables = checkpointing.load_variables(path, segmentor.abstract_variables(model))
+    template = {c: dict(t) for c, t in segmentor.abstract_variables(model).items()}
+    for collection, heads in _stored_auxiliary(path).items():
+        template.setdefault(collection, {})[AUXILIARY] = heads
+    variables = checkpointing.load_variables(path, template)
     return variables, info["model"], info.get("meta", {})
 
 
@@ -251,6 +433,15 @@ def define_flags() -> None:
         False,
         "to-torch: write the pre-1.6 non-zip format for old PyTorch readers (DAFormer's torch 1.7 environment).",
     )
+    flags.DEFINE_enum(
+        "auxiliary_heads",
+        "drop",
+        list(AUXILIARY_OPTIONS),
+        "A method's auxiliary heads (auxiliary_head.*). to-torch: drop writes the segmentor alone "
+        "(as the originals evaluate it), keep writes them too (--format daformer only). to-flax: "
+        "drop ignores the checkpoint's auxiliary_head.* tensors (a note), keep carries them into "
+        "the weights directory.",
+    )
     flags.DEFINE_bool(
         "unsafe_pickle",
         False,
@@ -277,7 +468,12 @@ def _run(argv: list[str]) -> None:
             raise app.UsageError("to-flax needs --config (its `model` group gives the model shape)")
         model_cfg = FLAGS.config.model.to_dict()
         variables, left = to_flax(
-            FLAGS.src, FLAGS.format, model_cfg, FLAGS.which, FLAGS.unsafe_pickle
+            FLAGS.src,
+            FLAGS.format,
+            model_cfg,
+            FLAGS.which,
+            FLAGS.unsafe_pickle,
+            extra_auxiliary=FLAGS.auxiliary_heads,
         )
         meta = {
             "source": os.path.abspath(FLAGS.src),
@@ -295,8 +491,9 @@ def _run(argv: list[str]) -> None:
                 "initialisation (an encoder-only checkpoint, e.g. ImageNet MiT)"
             )
         return
+    check_auxiliary_option(FLAGS.format, FLAGS.auxiliary_heads)
     variables, model_cfg, meta = load_weights_dir(FLAGS.src)
-    state = from_flax(variables, FLAGS.format)
+    state = from_flax(variables, FLAGS.format, FLAGS.auxiliary_heads)
     classes, palette = class_table(meta.get("classes", "cityscapes"))
     if FLAGS.format == "hf":
         write_hf(FLAGS.out, state, model_cfg, classes)
@@ -306,6 +503,8 @@ def _run(argv: list[str]) -> None:
         )
         write_torch(FLAGS.out, state, wrap, FLAGS.legacy_serialization)
     print(f"wrote {FLAGS.out} ({len(state)} tensors, format {FLAGS.format})")
+    for line in auxiliary_note(variables, FLAGS.format, FLAGS.auxiliary_heads):
+        print(line)
 
 
 def main(argv: list[str]) -> None:

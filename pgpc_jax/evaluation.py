@@ -44,7 +44,10 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 
 def confusion_matrix(
-    pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
+    pred: jax.Array,
+    label: jax.Array,
+    num_classes: int,
+    ignore_index: int = label_table.IGNORE_INDEX,
 ) -> jax.Array:
     """Counts (label, prediction) pairs over the valid pixels.
 

@@ -22,6 +22,11 @@ student (default, what DAFormer reports) or the EMA teacher. Formats:
             DAFormer head)
   mit       the encoder alone, NVlabs mit_b*.pth keys
 
+A method's auxiliary heads (`auxiliary_head/<name>`, e.g. a projection head) are left out by
+default, as the originals evaluate the segmentor alone (a note names them);
+`--auxiliary_heads=keep` keeps them in the formats that can hold them: `flax`, and `daformer` as
+mmseg names them (`model.auxiliary_head.<name>.*`). `hf` and `mit` cannot, and say so.
+
 The teacher has no BatchNorm running statistics of its own (DAFormer's teacher runs BatchNorm in
 train mode), so an exported teacher carries the student's running statistics (a note says so).
 Every problem (no such run, no checkpoint of that step, an unwritable --out, ...) is one line
@@ -40,7 +45,7 @@ from absl import app, flags, logging
 
 from pgpc_jax import checkpointing, convert, weights
 from pgpc_jax.cli import parse_flags
-from pgpc_jax.torch_names import ConversionError, variables_to_canonical
+from pgpc_jax.torch_names import AUXILIARY_OPTIONS, ConversionError, variables_to_canonical
 
 FORMATS = ("flax", "daformer", "hf", "mit")
 # CLI name -> DAFormer's name of the network (`weights.WHICH`).
@@ -88,6 +93,7 @@ def export_run(
     best: bool = False,
     which: str = "student",
     legacy_serialization: bool = False,
+    auxiliary_heads: str = "drop",
 ) -> list[str]:
     """Read one checkpoint of a run and write its network in format `fmt` to `out`.
 
@@ -99,6 +105,8 @@ def export_run(
       best: read best/.
       which: 'student' or 'teacher'.
       legacy_serialization: daformer / mit: PyTorch's pre-1.6 non-zip format.
+      auxiliary_heads: 'drop' (the segmentor alone) or 'keep' (flax, daformer: the method's
+        auxiliary heads too).
 
     Returns:
       The lines to print: what was written, and notes.
@@ -112,6 +120,7 @@ def export_run(
             "--step and --best exclude each other: --best reads the best checkpoint (best/), "
             "--step N the checkpoint of step N in checkpoints/"
         )
+    convert.check_auxiliary_option(fmt, auxiliary_heads)
     check_out(out, fmt)
     found = weights.find_run(workdir)
     if found is not None and found.root != checkpointing.run_path(workdir):
@@ -128,9 +137,18 @@ def export_run(
             "(the encoder)"
         )
     config, state, step = weights.load_run(workdir, step=step, best=best)
+    if which == "teacher" and state.teacher_params is None:
+        raise ExportError(
+            f"--which teacher: the run in {workdir} trained method {config.get('method')!r}, "
+            "which has no EMA teacher; use --which student"
+        )
     student = _host(weights.run_variables(state, "model"))
-    teacher = _host(weights.run_variables(state, "ema_model"))
+    # A method without a teacher (source_only) exports the student alone.
+    teacher = (
+        None if state.teacher_params is None else _host(weights.run_variables(state, "ema_model"))
+    )
     variables = teacher if which == "teacher" else student
+    notes = convert.auxiliary_note(variables, fmt, auxiliary_heads)
     source = f"{checkpointing.run_path(workdir)}/{'best' if best else 'checkpoints'}/{step}"
     label_space = config.get("classes", "cityscapes")
     classes, palette = convert.class_table(label_space)
@@ -138,17 +156,22 @@ def export_run(
         if fmt == "flax":
             meta = {"source": source, "format": "run", "step": step, "which": WHICH[which]}
             meta["classes"] = label_space
+            if auxiliary_heads == "drop":
+                variables = convert.without_auxiliary(variables)
             checkpointing.save_variables(out, variables, model_cfg, meta)
             count, what = len(variables_to_canonical(variables)), "Flax weights directory of the"
         elif fmt == "daformer":
             # DAFormer's training checkpoints hold the student as `model.` and the teacher as
             # `ema_model.`; its tools/test.py evaluates `model.`, so --which teacher puts the
             # teacher there.
-            state_dict = convert.from_flax(variables, "daformer")
-            teacher_dict = convert.from_flax(teacher, "daformer")
-            state_dict.update({f"ema_{k}": v for k, v in teacher_dict.items()})
+            state_dict = convert.from_flax(variables, "daformer", auxiliary_heads)
+            if teacher is not None:
+                teacher_dict = convert.from_flax(teacher, "daformer", auxiliary_heads)
+                state_dict.update({f"ema_{k}": v for k, v in teacher_dict.items()})
             meta = {"CLASSES": tuple(classes), "PALETTE": palette, "iter": step}
-            meta["pgpc_jax"] = {"source": source, "model": which, "ema_model": "teacher"}
+            meta["pgpc_jax"] = {"source": source, "model": which}
+            if teacher is not None:
+                meta["pgpc_jax"]["ema_model"] = "teacher"
             convert.write_torch(out, state_dict, meta, legacy_serialization)
             count, what = len(state_dict), "DAFormer checkpoint, model. ="
         elif fmt == "hf":
@@ -161,11 +184,12 @@ def export_run(
             count, what = len(mit_state), "MiT encoder (NVlabs mit_b*.pth keys) of the"
     except OSError as e:  # a full disk, a path that vanished: what check_out cannot foresee
         raise ExportError(f"cannot write --out={out}: {e}") from e
-    who = f"{which}, ema_model. = teacher" if fmt == "daformer" else which
+    with_teacher = fmt == "daformer" and teacher is not None
+    who = f"{which}, ema_model. = teacher" if with_teacher else which
     lines = [f"wrote {out}: {what} {who}, {count} tensors, step {step} ({source})"]
-    if which == "teacher" or fmt == "daformer":
+    if which == "teacher" or with_teacher:
         lines.append(f"note: {weights.TEACHER_NOTE}")
-    return lines
+    return lines + notes
 
 
 FLAGS = flags.FLAGS
@@ -185,6 +209,13 @@ def define_flags() -> None:
         "legacy_serialization",
         False,
         "daformer / mit: the pre-1.6 non-zip format for old PyTorch readers (DAFormer's torch 1.7).",
+    )
+    flags.DEFINE_enum(
+        "auxiliary_heads",
+        "drop",
+        list(AUXILIARY_OPTIONS),
+        "A method's auxiliary heads: drop exports the segmentor alone (as the originals evaluate "
+        "it), keep exports them too (flax, daformer as auxiliary_head.*; not hf or mit).",
     )
 
 
@@ -208,6 +239,7 @@ def main(argv: list[str]) -> None:
             best=FLAGS.best,
             which=FLAGS.which,
             legacy_serialization=FLAGS.legacy_serialization,
+            auxiliary_heads=FLAGS.auxiliary_heads,
         )
     except (ExportError, ConversionError, checkpointing.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

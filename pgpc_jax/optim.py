@@ -25,7 +25,7 @@ the power (mmcv never gets there).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,13 +89,29 @@ def param_group_labels(params: Any, keys: Mapping[str, Any]) -> Any:
     """A tree like `params` whose leaves are each parameter's group (custom key or 'default').
 
     The matching uses the torch name of each parameter (`backbone.block1.0.attn.norm.weight`,
-    `decode_head.fuse_layer.bottleneck.bn.bias`), from `pgpc_jax.torch_names`.
+    `decode_head.fuse_layer.bottleneck.bn.bias`), from `pgpc_jax.torch_names`. A method's
+    auxiliary heads are `auxiliary_head.<name>.*` there, so 'head' gives them the head rule, as
+    mmseg's `auxiliary_head.*` (their norms included: 'head' and 'norm' tie on length and
+    'head' sorts first).
     """
     layout = canonical_layout({"params": params})
     torch_name = {path: key for key, (_, path, _) in layout.items()}
     flat = traverse_util.flatten_dict(dict(params))
     labels = {path: match_custom_key(torch_name[path], keys) for path in flat}
     return traverse_util.unflatten_dict(labels)
+
+
+class Optimizer(NamedTuple):
+    """The optimizer and its schedule, built once from the `optimizer` config group.
+
+    Attributes:
+      tx: AdamW over mmcv's parameter groups (`tx.init(params)`, `tx.update(...)`).
+      learning_rate: step -> float32 rate of the default (encoder) group, the rate a run logs;
+        the same function the default group's AdamW uses.
+    """
+
+    tx: optax.GradientTransformation
+    learning_rate: Callable[[jax.Array | int], jax.Array]
 
 
 def make_optimizer(
@@ -112,7 +128,7 @@ def make_optimizer(
     warmup_ratio: float = 1e-6,
     poly_power: float = 1.0,
     min_lr: float = 0.0,
-) -> optax.GradientTransformation:
+) -> Optimizer:
     """AdamW over mmcv's parameter groups, each with its own poly + warm-up schedule.
 
     The keyword names are those of the `optimizer` config group, so a trainer calls
@@ -129,11 +145,12 @@ def make_optimizer(
       warmup_steps, warmup_ratio, poly_power, min_lr: the schedule of `learning_rate()`.
 
     Returns:
-      An optax transformation; its count starts at 0, the rate of mmcv iteration 0.
+      `Optimizer(tx, learning_rate)`: the optax transformation (its count starts at 0, the rate
+      of mmcv iteration 0) and the default group's schedule.
     """
     keys = custom_keys(head_lr_mult, norm_decay_mult)
     labels = param_group_labels(params, keys)
-    transforms = {}
+    transforms, schedules = {}, {}
     # Sorted: a set's order follows Python's string hashing, which changes from process to
     # process, and so would the traced program (and the compilation cache would never hit).
     for group in sorted(set(jax.tree.leaves(labels))):
@@ -144,8 +161,14 @@ def make_optimizer(
         def schedule(count, base=base):
             return _schedule(count, base, num_steps, warmup_steps, warmup_ratio, poly_power, min_lr)
 
+        schedules[group] = schedule
         transforms[group] = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=decay)
-    return optax.multi_transform(transforms, labels)
+    default = schedules.get(DEFAULT_GROUP) or (
+        lambda count: _schedule(
+            count, learning_rate, num_steps, warmup_steps, warmup_ratio, poly_power, min_lr
+        )
+    )
+    return Optimizer(optax.multi_transform(transforms, labels), default)
 
 
 # `make_optimizer`'s argument `learning_rate` shadows the function inside it.

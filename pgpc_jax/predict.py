@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
+from data_pipelines import labels as label_table
 from pgpc_jax import checkpointing, convert, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.models import segmentor
@@ -41,9 +42,9 @@ from pgpc_jax.torch_names import ConversionError
 # `demo.py` and `config_checks.py`, which reach them through this module.
 from pgpc_jax.weights import WEIGHT_FORMATS, load_model  # noqa: F401
 
-# DAFormer / mmseg `img_norm_cfg` (RGB order after to_rgb=True).
-MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-STD = np.array([58.395, 57.12, 57.375], np.float32)
+# DAFormer / mmseg `img_norm_cfg` (RGB order after to_rgb=True), as float32 arrays.
+MEAN = np.array(label_table.IMAGENET_MEAN, np.float32)
+STD = np.array(label_table.IMAGENET_STD, np.float32)
 
 
 class PredictError(ValueError):

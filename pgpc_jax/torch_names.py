@@ -15,13 +15,19 @@ canonical dict, written both ways so that a round trip reproduces each tensor bi
   (`segformer.stages.*`) are accepted on input;
 * `daformer`: the canonical names under a `model.` / `ema_model.` / `imnet_model.` prefix.
 
+A method's auxiliary heads (`models/segmentor.py`, Flax `auxiliary_head/<name>/...`) follow the
+same rule: `auxiliary_head.<name>.<module path>.<leaf>`, mmseg's `auxiliary_head.*` with one
+level per head. Only `daformer` (and a Flax weights directory) can hold them; `mit`, `mmseg` and
+`hf` are an encoder or a SegFormer, so writers drop them unless asked to keep them
+(`AUXILIARY_OPTIONS`), and a format that cannot keep them says so.
+
 Everything here is numpy; reading and writing files lives in `convert.py`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -35,6 +41,16 @@ _STAT_LEAVES = {
     "var": "running_var",
     "num_batches_tracked": "num_batches_tracked",
 }
+
+
+# The Flax module and torch prefix of a method's extra heads (mmseg's `auxiliary_head`).
+AUXILIARY = "auxiliary_head"
+# Writers: leave a model's auxiliary heads out (the segmentor alone, as the originals evaluate
+# it) or keep them. Readers, for a model head the file lacks: fail, or keep its initialisation.
+AUXILIARY_OPTIONS = ("drop", "keep")
+MISSING_AUXILIARY = ("error", "init")
+# The formats that can hold `auxiliary_head.*` keys; the others are an encoder or a SegFormer.
+AUXILIARY_FORMATS = ("daformer",)
 
 
 class ConversionError(ValueError):
@@ -72,13 +88,19 @@ def _to_flax_layout(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _canonical_key(path: tuple[str, ...], leaves: Mapping[str, str]) -> str:
+    # A leaf without a torch counterpart (a method's own `self.param`) keeps its name, as torch
+    # names an `nn.Parameter` by its attribute.
+    return f"{_torch_module_path(path[:-1])}.{leaves.get(path[-1], path[-1])}"
+
+
 def variables_to_canonical(variables: Mapping) -> State:
     """Flax variables {'params', 'batch_stats'} -> canonical torch state dict (numpy arrays)."""
     out: State = {}
     for collection, leaves in (("params", _PARAM_LEAVES), ("batch_stats", _STAT_LEAVES)):
         flat = traverse_util.flatten_dict(dict(variables.get(collection, {})))
         for path, value in flat.items():
-            key = f"{_torch_module_path(path[:-1])}.{leaves[path[-1]]}"
+            key = _canonical_key(path, leaves)
             value = np.asarray(value)
             if path[-1] == "num_batches_tracked":
                 value = value.astype(np.int64)
@@ -92,10 +114,15 @@ def canonical_layout(template: Mapping) -> dict[str, tuple[str, tuple[str, ...],
     for collection, leaves in (("params", _PARAM_LEAVES), ("batch_stats", _STAT_LEAVES)):
         flat = traverse_util.flatten_dict(dict(template.get(collection, {})))
         for path, value in flat.items():
-            key = f"{_torch_module_path(path[:-1])}.{leaves[path[-1]]}"
+            key = _canonical_key(path, leaves)
             shape = tuple(value.shape)
             if path[-1] == "kernel":
                 shape = _to_torch_layout(np.empty(shape, np.bool_)).shape
+            if key in layout:  # e.g. a module's `kernel` and a custom `weight` parameter
+                raise ConversionError(
+                    f"{'/'.join(layout[key][1])} and {'/'.join(path)} both have the torch name "
+                    f"{key}: rename one of the Flax variables"
+                )
             layout[key] = (collection, path, shape)
     return layout
 
@@ -115,6 +142,61 @@ def canonical_to_variables(state: Mapping[str, np.ndarray], template: Mapping) -
     return {c: traverse_util.unflatten_dict(t) for c, t in trees.items() if t}
 
 
+def auxiliary_head_name(key: str) -> str | None:
+    """The Flax name of the auxiliary head that a canonical key belongs to, None outside them:
+    `auxiliary_head.proj.Conv.0.weight` -> 'proj', `auxiliary_head.proj.2.bias` -> 'proj_2'."""
+    if not key.startswith(AUXILIARY + "."):
+        return None
+    return _flax_module_path(key[len(AUXILIARY) + 1 :])[0]
+
+
+def auxiliary_prefix(name: str) -> str:
+    """The canonical key prefix of the auxiliary head `name` ('proj_2' -> 'auxiliary_head.proj.2.')."""
+    return f"{_torch_module_path((AUXILIARY, name))}."
+
+
+def split_auxiliary(state: Mapping, keep: Collection[str] = ()) -> tuple[State, dict[str, State]]:
+    """Split a canonical state dict into (the segmentor and the auxiliary heads named in `keep`,
+    {every other auxiliary head: its keys})."""
+    kept: State = {}
+    others: dict[str, State] = {}
+    for key, value in state.items():
+        name = auxiliary_head_name(key)
+        if name is None or name in keep:
+            kept[key] = value
+        else:
+            others.setdefault(name, {})[key] = value
+    return kept, others
+
+
+def auxiliary_to_variables(state: Mapping[str, np.ndarray]) -> dict:
+    """Canonical `auxiliary_head.*` keys -> Flax variables without a model to shape them.
+
+    The inverse of the mechanical rule, read off the tensors: a `weight` of 2 or more dims is a
+    Dense / Conv `kernel` (transposed), one of 1 dim a norm `scale`; `running_*` and
+    `num_batches_tracked` are batch statistics; any other leaf keeps its name. A conversion keeps
+    a file's auxiliary heads this way (`convert to-flax --auxiliary_heads=keep`) for a model
+    whose method builds them.
+    """
+    stat_leaves = {v: k for k, v in _STAT_LEAVES.items()}
+    trees: dict[str, dict] = {"params": {}, "batch_stats": {}}
+    for key, value in state.items():
+        if auxiliary_head_name(key) is None:
+            raise ConversionError(f"{key!r} is not an {AUXILIARY}.* key")
+        module, leaf = key.rsplit(".", 1)
+        value = np.asarray(value)
+        collection = "batch_stats" if leaf in stat_leaves else "params"
+        if leaf in stat_leaves:
+            leaf = stat_leaves[leaf]
+            if leaf == "num_batches_tracked":
+                value = value.astype(np.int32)
+        elif leaf == "weight":
+            leaf = "kernel" if value.ndim >= 2 else "scale"
+            value = _to_flax_layout(value) if leaf == "kernel" else value
+        trees[collection][(*_flax_module_path(module), leaf)] = value
+    return {c: traverse_util.unflatten_dict(t) for c, t in trees.items() if t}
+
+
 def _listing(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -122,20 +204,43 @@ def _listing(keys, limit: int = 8) -> str:
     return f"{len(keys)}: {shown}{more}"
 
 
-def check_against(state: Mapping[str, np.ndarray], template: Mapping, src: str) -> list[str]:
+def check_against(
+    state: Mapping[str, np.ndarray],
+    template: Mapping,
+    src: str,
+    missing_auxiliary: str = "error",
+) -> list[str]:
     """Check a canonical state dict against a model; return the keys left to initialisation.
 
     An encoder-only checkpoint (no `decode_head.*` key) is accepted: the head keeps its
-    initialisation. Anything else missing, any unexpected key and any shape mismatch raises a
-    `ConversionError` listing the offending keys (the first few and a count).
+    initialisation. An auxiliary head of the model of which the checkpoint has no key is a
+    one-line `ConversionError` naming it, or with `missing_auxiliary='init'` keeps its
+    initialisation too (training's `init_from`). Anything else missing, any unexpected key and
+    any shape mismatch raises a `ConversionError` listing the offending keys (the first few and a
+    count).
     """
+    if missing_auxiliary not in MISSING_AUXILIARY:
+        raise ConversionError(
+            f"missing_auxiliary={missing_auxiliary!r}: expected one of {MISSING_AUXILIARY}"
+        )
     layout = canonical_layout(template)
     expected, given = set(layout), set(state)
     missing, unexpected = expected - given, given - expected
     problems = []
     head_only_missing = not any(k.startswith("decode_head.") for k in given)
     init_only = sorted(k for k in missing if head_only_missing and k.startswith("decode_head."))
-    missing -= set(init_only)
+    given_heads = {auxiliary_head_name(k) for k in given}
+    absent = sorted({auxiliary_head_name(k) for k in expected} - given_heads - {None})
+    absent_keys = {k for k in missing if auxiliary_head_name(k) in absent}
+    if absent and missing_auxiliary == "error":
+        names = ", ".join(f"{n!r} (no {auxiliary_prefix(n)}* key)" for n in absent)
+        problems.append(
+            f"{src} has no auxiliary head {names} of the model: use a checkpoint that holds it, "
+            "or start it from its initialisation (missing_auxiliary='init')"
+        )
+    else:
+        init_only += sorted(absent_keys)
+    missing -= set(init_only) | absent_keys
     if missing:
         problems.append(f"missing keys {_listing(missing)}")
     if unexpected:
@@ -148,6 +253,8 @@ def check_against(state: Mapping[str, np.ndarray], template: Mapping, src: str) 
     if bad:
         more = f" ... and {len(bad) - 8} more" if len(bad) > 8 else ""
         problems.append(f"shape mismatches {len(bad)}: " + "; ".join(bad[:8]) + more)
+    if len(problems) == 1 and absent and missing_auxiliary == "error":
+        raise ConversionError(problems[0])  # the file fits but for the head: one line
     if problems:
         raise ConversionError(
             f"{src} does not fit the model of this config:\n  "

@@ -27,7 +27,7 @@ from etils import epath
 
 from data_pipelines import pipeline, sources, transforms
 from data_pipelines.rcs import RcsConfig
-from pgpc_jax import checkpointing, evaluation, metrics_logging, optim, predict, sharding
+from pgpc_jax import checkpointing, evaluation, methods, metrics_logging, optim, predict, sharding
 from pgpc_jax.config_checks import ConfigError, check_config
 from pgpc_jax.models import segmentor
 from pgpc_jax.train_state import TrainState, create_train_state
@@ -124,21 +124,30 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
 
 def abstract_train_state(config: ml_collections.ConfigDict):
     """(model, optimizer, TrainState of ShapeDtypeStructs) of a config, nothing allocated."""
-    model = segmentor.build_segmentor(config.model)
+    model = methods.build_model(config)
     abstract_vars = segmentor.abstract_variables(model)
-    tx = optim.make_optimizer(abstract_vars["params"], config.num_train_steps, **config.optimizer)
-    abstract = jax.eval_shape(lambda v: create_train_state(config, v, tx), abstract_vars)
-    return model, tx, abstract
+    optimizer = optim.make_optimizer(
+        abstract_vars["params"], config.num_train_steps, **config.optimizer
+    )
+    abstract = jax.eval_shape(lambda v: create_train_state(config, v, optimizer.tx), abstract_vars)
+    return model, optimizer, abstract
 
 
 def initial_variables(config, model) -> dict:
-    """Random initialisation, or `config.init_from` (e.g. ImageNet MiT, any converter format)."""
-    if config.init_from.path:
-        _, variables = predict.load_model(
-            config.model, config.init_from.path, config.init_from.format, config.init_from.which
-        )
-        return variables
-    return segmentor.init_variables(model, jax.random.key(config.seed))
+    """Random initialisation, or `config.init_from` (e.g. ImageNet MiT, any converter format);
+    a method's auxiliary heads start from their random initialisation unless the file has them."""
+    if not config.init_from.path:
+        return segmentor.init_variables(model, jax.random.key(config.seed))
+    _, variables = predict.load_model(
+        config.model, config.init_from.path, config.init_from.format, config.init_from.which
+    )
+    if model.auxiliary_heads:
+        initial = segmentor.init_variables(model, jax.random.key(config.seed))
+        variables = {name: dict(collection) for name, collection in variables.items()}
+        for name, collection in initial.items():
+            if "auxiliary_head" in collection:
+                variables.setdefault(name, {})["auxiliary_head"] = collection["auxiliary_head"]
+    return variables
 
 
 def _has_checkpoints(root: epath.Path) -> bool:
@@ -194,7 +203,7 @@ def _check_resumable(config, root: epath.Path, ckpts, abstract) -> None:
 def _all_finite(state: TrainState) -> jax.Array:
     """One boolean: every float of the parameters, statistics, teacher and method state."""
     trees = (state.params, state.batch_stats, state.opt_state, state.teacher_params)
-    leaves = jax.tree.leaves((trees, state.prototypes))
+    leaves = jax.tree.leaves((trees, state.method_state))
     leaves = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
@@ -236,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("datasets: %s", datasets["sizes"])
 
     # Model, optimizer, the state's structure.
-    model, tx, abstract = abstract_train_state(config)
+    model, optimizer, abstract = abstract_train_state(config)
     logging.info(
         "model: MiT-%s + %s head, %.2f M parameters",
         config.model.backbone,
@@ -273,19 +282,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, start = ckpts.restore(target, iterators, log=_say)
             _say(f"resumed from {root} at step {start}")
         else:
-            state, start = sharding.replicate(create_train_state(config, variables, tx), mesh), 0
-        return _train_loop(config, model, tx, state, start, datasets, iterators, ckpts, mesh, root)
+            state = create_train_state(config, variables, optimizer.tx)
+            state, start = sharding.replicate(state, mesh), 0
+        return _train_loop(
+            config, model, optimizer, state, start, datasets, iterators, ckpts, mesh, root
+        )
     finally:
         ckpts.close()
 
 
-def _train_loop(config, model, tx, state, start, datasets, iterators, ckpts, mesh, root):
+def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckpts, mesh, root):
     # The step: jitted once, state donated.
     replicated = sharding.replicated(mesh)
     state_sharding = jax.tree.map(lambda _: replicated, state)
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        make_train_step(config, model, tx),
+        make_train_step(config, model, optimizer),
         in_shardings=(state_sharding, batch_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=0,
@@ -299,8 +311,9 @@ def _train_loop(config, model, tx, state, start, datasets, iterators, ckpts, mes
     src_iter, tgt_iter = iterators["source"], iterators["target"]
     step, metrics, timer = start, {}, time.time()
     while step < total:
+        # Whole batch dicts: a method may use a second view, a frame, or (an oracle) the label.
         src = sharding.global_batch(next(src_iter), mesh)
-        tgt = sharding.global_batch({"image": next(tgt_iter)["image"]}, mesh)
+        tgt = sharding.global_batch(next(tgt_iter), mesh)
         state, device_metrics = train_step(state, src, tgt)
         step += 1
         last = step == total

@@ -8,6 +8,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pgpc_jax import methods
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -18,13 +20,14 @@ class TrainState:
       params: student parameters {'backbone', 'decode_head'}.
       batch_stats: student BatchNorm running statistics.
       opt_state: optax state of the student's optimizer.
-      teacher_params: EMA teacher parameters (same tree as `params`); its BatchNorm uses batch
-        statistics, as DAFormer's teacher stays in train mode.
+      teacher_params: EMA teacher parameters (same tree as `params`), or None when the method
+        has no teacher; its BatchNorm uses batch statistics, as DAFormer's teacher stays in
+        train mode.
       imnet_params: frozen encoder parameters for the ImageNet feature distance (the encoder as
-        initialised: ImageNet weights in the real configs), or None when the distance is off.
+        initialised: ImageNet weights in the real configs), or None when the method needs none.
       rng: base PRNG key; step t uses `fold_in(rng, t)`, so runs are deterministic and resumable.
-      prototypes: method state beyond the segmentor (PGPC class prototypes, SePiCo statistics),
-        or None.
+      method_state: the method's state beyond the segmentor (PGPC class prototypes, SePiCo
+        statistics), a pytree of fixed-size arrays, or None.
     """
 
     step: jax.Array
@@ -34,7 +37,7 @@ class TrainState:
     teacher_params: Any
     imnet_params: Any
     rng: jax.Array
-    prototypes: Any = None
+    method_state: Any = None
 
     @property
     def student_variables(self) -> dict:
@@ -42,29 +45,20 @@ class TrainState:
 
 
 def create_train_state(config, variables, tx) -> TrainState:
-    """The state at step 0: student = teacher = `variables`; the ImageNet encoder is a frozen
-    copy of the initial encoder (ImageNet weights when `init_from` is an ImageNet MiT)."""
+    """The state at step 0 of `config.method`: teacher = student = `variables` when the method
+    has a teacher; the ImageNet encoder, when it needs one, a frozen copy of the initial encoder
+    (ImageNet weights when `init_from` is an ImageNet MiT); the method's initial state."""
+    method = methods.get(config.method)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
-        teacher_params=jax.tree.map(jnp.copy, params),
+        teacher_params=jax.tree.map(jnp.copy, params) if method.needs_teacher(config) else None,
         imnet_params=(
-            jax.tree.map(jnp.copy, params["backbone"]) if config.uda.fd_lambda > 0 else None
+            jax.tree.map(jnp.copy, params["backbone"]) if method.needs_imnet(config) else None
         ),
         rng=jax.random.key(config.seed + 17),
-        prototypes=_initial_prototypes(config, params),
+        method_state=method.init_state(config, params),
     )
-
-
-def _initial_prototypes(config, params):
-    """Empty PGPC class prototypes (one per class, the width of the fused encoder stages)."""
-    if config.contrast.variant != "pgpc":
-        return None
-    from pgpc_jax.losses.contrast import init_prototypes
-
-    stages = [k for k in params["backbone"] if k.startswith("norm")]
-    dim = sum(params["backbone"][k]["scale"].shape[0] for k in stages)
-    return init_prototypes(config.model.num_classes, dim)

@@ -22,6 +22,13 @@ student's running statistics, the only ones the run keeps (a note is printed).
 
 Every source must describe the config's model (backbone, head, widths, classes, LayerNorm
 convention); a difference is one error naming the differing `model.*` fields.
+
+Auxiliary heads (a method's extra heads, `auxiliary_head/<name>`): `load_model(...,
+auxiliary_heads={name: module})` builds the model with them and reads them from any source that
+has them; a source without one of them is a one-line error naming it, unless
+`missing_auxiliary='init'` (training's `init_from`) keeps its initialisation. A source's
+auxiliary heads that the model lacks (a SePiCo run, an mmseg checkpoint evaluated with the plain
+segmentor) are ignored with one `note:` line.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from etils import epath
 
 from pgpc_jax import checkpointing, convert
 from pgpc_jax.models import segmentor
-from pgpc_jax.torch_names import FORMATS
+from pgpc_jax.torch_names import FORMATS, MISSING_AUXILIARY
 
 WEIGHT_FORMATS = ("flax", "run", *sorted(FORMATS))
 WHICH = ("model", "ema_model", "imnet_model")
@@ -172,6 +179,10 @@ def run_variables(state: Any, which: str = "model") -> dict:
     ('ema_model'); the teacher carries the student's BatchNorm running statistics."""
     _check_run_which(which)
     params = state.params if which == "model" else state.teacher_params
+    if params is None:
+        raise WeightsError(
+            "--which=ema_model: this run's method has no EMA teacher; use --which=model"
+        )
     return {"params": params, "batch_stats": state.batch_stats}
 
 
@@ -202,7 +213,14 @@ def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def load_model(model_cfg: Mapping, weights: str, fmt: str = "flax", which: str = "model"):
+def load_model(
+    model_cfg: Mapping,
+    weights: str,
+    fmt: str = "flax",
+    which: str = "model",
+    auxiliary_heads: Mapping[str, Any] | None = None,
+    missing_auxiliary: str = "error",
+):
     """Build the config's model and load `weights` in format `fmt` into it.
 
     Args:
@@ -211,6 +229,10 @@ def load_model(model_cfg: Mapping, weights: str, fmt: str = "flax", which: str =
         HF checkpoint.
       fmt: one of WEIGHT_FORMATS; 'flax' reads a run too when `weights` is one.
       which: 'model' (student), 'ema_model' (teacher) or 'imnet_model' (DAFormer only).
+      auxiliary_heads: the model's auxiliary heads ({name: unbound module}, as
+        `segmentor.build_segmentor` takes them); none by default (the segmentor alone).
+      missing_auxiliary: for an auxiliary head the weights lack, 'error' (one line naming it) or
+        'init' (it keeps its initialisation, with a note).
 
     Returns:
       (model, variables): the Segmentor of `model_cfg` and its {'params', 'batch_stats'}.
@@ -220,7 +242,11 @@ def load_model(model_cfg: Mapping, weights: str, fmt: str = "flax", which: str =
         raise WeightsError(f"--weights-format={fmt!r}: expected one of {WEIGHT_FORMATS}")
     if which not in WHICH:
         raise WeightsError(f"--which={which!r}: expected one of {WHICH}")
-    model = segmentor.build_segmentor(model_cfg)
+    if missing_auxiliary not in MISSING_AUXILIARY:
+        raise WeightsError(
+            f"missing_auxiliary={missing_auxiliary!r}: expected one of {MISSING_AUXILIARY}"
+        )
+    model = segmentor.build_segmentor(model_cfg, auxiliary_heads)
     if fmt == "flax" and not checkpointing.is_weights_dir(weights):
         if find_run(weights) is None:
             raise WeightsError(
@@ -241,13 +267,22 @@ def load_model(model_cfg: Mapping, weights: str, fmt: str = "flax", which: str =
         _note(f"{weights}: the {who} of {found.root / folder / str(step)}")
         if which == "ema_model":
             _note(TEACHER_NOTE)
-        return model, run_variables(state, which)
+        variables = run_variables(state, which)
+        return model, convert.fit_variables(variables, model, weights, missing_auxiliary, _note)
     if fmt == "flax":
         stored = checkpointing.read_model_file(weights)["model"]
         check_same_model(stored, model_cfg, weights)
-        variables = checkpointing.load_variables(weights, segmentor.abstract_variables(model))
-        return model, variables
-    variables, left = convert.to_flax(weights, fmt, model_cfg, which)
+        variables, _, _ = convert.load_weights_dir(weights)  # with its auxiliary heads, if any
+        return model, convert.fit_variables(variables, model, weights, missing_auxiliary, _note)
+    variables, left = convert.to_flax(
+        weights,
+        fmt,
+        model_cfg,
+        which,
+        auxiliary_heads=auxiliary_heads,
+        missing_auxiliary=missing_auxiliary,
+        note=_note,
+    )
     if left:
         print(
             f"warning: {weights} has no decode head; predictions come from an untrained head",

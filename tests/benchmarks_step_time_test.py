@@ -12,21 +12,21 @@ def _flops(path, extra=()):
 
 
 def test_flops_grow_with_the_method_and_the_batch():
-    daformer = _flops("configs/synthetic_daformer.py")
+    daformer = _flops("configs/synthetic.py:daformer")
     pgpc = _flops("configs/synthetic.py")
-    source_only = _flops("configs/synthetic_source_only.py")
+    source_only = _flops("configs/synthetic.py:source_only")
     assert source_only["gflops"] < daformer["gflops"] < pgpc["gflops"]
     # The contrast adds a loss on embeddings the step already computes, not a forward pass.
     assert pgpc["gflops"] < 1.5 * daformer["gflops"]
     double = _flops(
-        "configs/synthetic_daformer.py", ["data.source.batch_size=4", "data.target.batch_size=4"]
+        "configs/synthetic.py:daformer", ["data.source.batch_size=4", "data.target.batch_size=4"]
     )
     assert double["gflops"] == pytest.approx(2 * daformer["gflops"], rel=0.05)
 
 
 def test_flops_table_prints_the_ratio(capsys):
     step_time.main(
-        ["--flops", "--config", "configs/synthetic_daformer.py", "--config", "configs/synthetic.py"]
+        ["--flops", "--config", "configs/synthetic.py:daformer", "--config", "configs/synthetic.py"]
         + [arg for item in SMALL for arg in ("--set", item)]
     )
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| configs/")]

@@ -1,53 +1,85 @@
-"""Every config in configs/ loads, validates, and builds its model, optimizer and train state
-abstractly (no weights allocated, so MiT-B5 costs nothing)."""
+"""Every benchmark config × every method loads, validates, and builds its model, optimizer and
+train state abstractly (no weights allocated, so MiT-B5 costs nothing)."""
 
 import glob
-import importlib
 import os
 
 import jax
 import pytest
 
-from pgpc_jax import optim
+from configs import base, cs2darkzurich, gta2cs, synthetic, synthia2cs, tiny
+from pgpc_jax import cli, methods, optim
+from pgpc_jax.config_checks import ConfigError, _check_method
 from pgpc_jax.models import segmentor
 from pgpc_jax.train_state import create_train_state
 from pgpc_jax.train_step import make_train_step
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-NAMES = sorted(
-    os.path.basename(p)[:-3]
-    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-    if not os.path.basename(p).startswith("_")
-)
+BENCHMARKS = {
+    "gta2cs": gta2cs,
+    "synthia2cs": synthia2cs,
+    "cs2darkzurich": cs2darkzurich,
+    "synthetic": synthetic,
+}
 
 
-def test_all_configs_are_listed():
-    assert {"base", "gta2cs", "synthia2cs", "cs2darkzurich", "synthetic", "tiny"} <= set(NAMES)
-    for name in ("gta2cs", "synthia2cs", "cs2darkzurich", "synthetic"):
-        assert f"{name}_daformer" in NAMES and f"{name}_source_only" in NAMES
+def test_one_config_file_per_benchmark():
+    names = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+    assert names == {"__init__", "base", "tiny", *BENCHMARKS}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_config_builds_abstractly(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
-    model = segmentor.build_segmentor(config.model)
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_config_builds_abstractly(benchmark, method):
+    config = BENCHMARKS[benchmark].get_config(method)
+    assert config.method == method
+    _check_method(config)
+    model = methods.build_model(config)
     abstract = segmentor.abstract_variables(model)
-    tx = optim.make_optimizer(abstract["params"], config.num_train_steps, **config.optimizer)
-    state = jax.eval_shape(lambda v: create_train_state(config, v, tx), abstract)
-    make_train_step(config, model, tx)  # validates the uda / contrast settings
-    assert (state.prototypes is not None) == (config.contrast.variant == "pgpc")
-    if name.endswith("source_only"):
-        assert config.uda.method == "source_only" and config.contrast.variant == "none"
+    optimizer = optim.make_optimizer(abstract["params"], config.num_train_steps, **config.optimizer)
+    state = jax.eval_shape(lambda v: create_train_state(config, v, optimizer.tx), abstract)
+    make_train_step(config, model, optimizer)  # validates the method's settings
+    module = methods.get(method)
+    assert (state.teacher_params is None) == (not module.needs_teacher(config))
+    assert (state.method_state is not None) == (method == "pgpc")
+    # Each method owns its group; no other method's group is present.
+    assert [m for m in methods.METHODS if m in config] == ([method] if method == "pgpc" else [])
+
+
+@pytest.mark.parametrize("benchmark", sorted(BENCHMARKS))
+def test_the_config_file_argument_picks_the_method(benchmark):
+    """`--config configs/X.py` is PGPC; `configs/X.py:daformer` is DAFormer (cli.load_config
+    reads the argument as `--config` does)."""
+    path = os.path.join(ROOT, "configs", f"{benchmark}.py")
+    assert cli.load_config(path).method == "pgpc"
+    assert cli.load_config(f"{path}:daformer").method == "daformer"
+    with pytest.raises(ValueError, match="method='dacs': expected one of source_only, daformer"):
+        cli.load_config(f"{path}:dacs")
 
 
 def test_pgpc_configs_are_the_released_setting():
-    from configs import gta2cs, gta2cs_daformer
-
-    pgpc, daformer = gta2cs.get_config(), gta2cs_daformer.get_config()
-    assert pgpc.contrast.variant == "pgpc" and daformer.contrast.variant == "none"
+    pgpc, daformer = gta2cs.get_config(), gta2cs.get_config("daformer")
+    assert pgpc.pgpc.variant == "pgpc" and "pgpc" not in daformer
     assert pgpc.uda.target_weight == 0.8 and daformer.uda.target_weight == 1.0
     assert pgpc.num_train_steps == 60_000 and daformer.num_train_steps == 40_000
-    assert tuple(pgpc.contrast.grid) == (65, 65)
+    assert tuple(pgpc.pgpc.grid) == (65, 65)
     # Nothing else differs: the model is exactly DAFormer's.
     assert pgpc.model.to_dict() == daformer.model.to_dict()
     assert pgpc.optimizer.to_dict() == daformer.optimizer.to_dict()
+    so = gta2cs.get_config("source_only")
+    assert so.uda.fd_lambda == 0.0 and so.num_train_steps == 40_000
+
+
+def test_a_method_changed_by_override_is_refused():
+    config = synthetic.get_config()
+    config.method = "daformer"  # what --config.method=daformer on configs/synthetic.py does
+    with pytest.raises(ConfigError, match="has the 'pgpc' group: the method was changed"):
+        _check_method(config)
+    config = methods.configure(base.get_config(), "daformer")
+    config.method = "sepico"
+    with pytest.raises(ConfigError, match="method='sepico': expected one of"):
+        _check_method(config)
+
+
+def test_tiny_config_is_a_tiny_model():
+    assert tiny.get_config().model.backbone == "tiny"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines import fda, transforms
+from data_pipelines import fda, labels, transforms
 
 
 def test_rescale_sizes_of_the_daformer_recipe():
@@ -88,12 +88,13 @@ def test_crop_and_pad_pads_with_zero_and_ignore():
 
 
 def test_normalize_uses_daformer_mean_and_std():
-    image = np.array([[[123.675, 116.28, 103.53]]]).round().astype(np.uint8)
+    image = np.array([[labels.IMAGENET_MEAN]]).round().astype(np.uint8)
     np.testing.assert_allclose(
         transforms.normalize(image), [[[0.0056, -0.0049, 0.0082]]], atol=1e-3
     )
     out = transforms.normalize(np.full((1, 1, 3), 255, np.uint8))
-    np.testing.assert_allclose(out[0, 0], (255 - transforms.MEAN_RGB) / transforms.STD_RGB)
+    mean, std = np.float32(labels.IMAGENET_MEAN), np.float32(labels.IMAGENET_STD)
+    np.testing.assert_allclose(out[0, 0], (255 - mean) / std)
 
 
 def _fda_reference_torch(src, trg, beta):

@@ -153,7 +153,7 @@ def test_whole_inference_matches_torch_interpolate_twice():
     images = np.random.default_rng(5).normal(size=(2, 36, 52, 3)).astype(np.float32)
     label_size = (75, 101)
     logits = _whole(model, variables, jnp.asarray(images), label_size)
-    stride4, _ = jax.jit(model.apply)(variables, images)  # [B, 9, 13, K]
+    stride4 = jax.jit(model.apply)(variables, images)["logits"]  # [B, 9, 13, K]
     x = torch.from_numpy(np.array(stride4)).permute(0, 3, 1, 2).double()
     x = F.interpolate(x, size=(36, 52), mode="bilinear", align_corners=False)  # encode_decode
     x = F.interpolate(x, size=label_size, mode="bilinear", align_corners=False)  # rescale=True

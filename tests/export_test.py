@@ -401,3 +401,34 @@ def test_official_cityscapes_evaluation_equals_ours(cityscapes, cli):
         assert written == [f"{stem}_pred_labelIds.png"]
         pred = np.asarray(Image.open(f"{out}/evaluate/cityscapes_results/{city}/{written[0]}"))
         assert pred.shape == (24, 48) and set(np.unique(pred)) <= ids
+
+
+def test_a_run_without_teacher_exports_its_student_alone(tmp_path):
+    """A source-only run has no EMA teacher: the daformer export holds `model.*` only, and
+    `--which teacher` is one line saying why."""
+    from configs import synthetic, tiny
+    from pgpc_jax import export, methods, optim
+    from pgpc_jax.train_state import create_train_state
+
+    config = synthetic.get_config("source_only")
+    config.model = tiny.get_config().model
+    config.model.head_embed_dim = config.model.head_channels = 16
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.json").write_text(config.to_json_best_effort())
+    model = methods.build_model(config)
+    variables = segmentor.init_variables(model, jax.random.key(0))
+    optimizer = optim.make_optimizer(variables["params"], 10, **config.optimizer)
+    state = create_train_state(config, variables, optimizer.tx)
+    assert state.teacher_params is None
+    ckpts = checkpointing.RunCheckpoints(root)
+    ckpts.save(1, state, {})
+    ckpts.close()
+    out = str(tmp_path / "so.pth")
+    lines = export.export_run(str(root), "daformer", out)
+    assert "ema_model" not in lines[0]
+    keys = torch.load(out, weights_only=True)["state_dict"].keys()
+    assert keys and all(k.startswith("model.") for k in keys)
+    with pytest.raises(export.ExportError, match="has no EMA teacher; use --which student"):
+        export.export_run(str(root), "flax", str(tmp_path / "t"), which="teacher")
+    assert not os.path.exists(tmp_path / "t")

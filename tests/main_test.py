@@ -61,11 +61,15 @@ BAD_CONFIGS = {
         "data.target.crop_size=(32, 500) (height, width) is larger than the target images",
     ),
     "unknown backbone": (_set(**{"model.backbone": "b9"}), "model.backbone='b9': expected one of"),
-    "unknown contrast variant": (
-        _set(**{"contrast.variant": "pgcp"}),
-        "contrast.variant='pgcp': expected one of",
+    "unknown pgpc variant": (
+        _set(**{"pgpc.variant": "pgcp"}),
+        "pgpc.variant='pgcp': expected one of",
     ),
-    "unknown method": (_set(**{"uda.method": "dac"}), "uda.method='dac': expected one of"),
+    "unknown method": (_set(**{"method": "dac"}), "method='dac': expected one of"),
+    "method changed by an override": (
+        _set(**{"method": "daformer"}),
+        "method='daformer' but the config has the 'pgpc' group",
+    ),
     "learning rate nan": (
         _set(**{"optimizer.learning_rate": float("nan")}),
         "optimizer.learning_rate=nan: expected a positive finite number",

@@ -4,9 +4,9 @@ The method-seam refactor changed no number: `tests/fixtures/method_runs.json` ho
 run below, every metric of five train steps and a checksum of each final parameter leaf,
 recorded by
 
-  python -m tests.method_runs --write
+  python -m tests.method_runs --write [--runs NAME ...]
 
-before the refactor; `tests/methods_test.py` runs the same five steps and compares.
+before the refactor (a new method adds its run to RUNS and records only it); `tests/methods_test.py` runs the same five steps and compares.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ STEPS = 5
 def run_config(name: str):
     """The tiny config of one run: tiny MiT, 16-wide head, dropout and drop path on."""
     from configs import base, tiny
+    from pgpc_jax import methods
 
-    config = base.get_config()
+    config = methods.configure(base.get_config(), name.split("_cluda")[0])
     config.model = tiny.get_config().model
     config.model.head_embed_dim = config.model.head_channels = 16
     config.uda.pseudo_ignore_top = 2
@@ -36,22 +37,18 @@ def run_config(name: str):
     config.uda.pseudo_threshold = 0.055  # the untrained teacher is unsure of everything
     config.num_train_steps = 20
     config.optimizer.warmup_steps = 2
-    if name == "source_only":
-        config.uda.method = "source_only"
-        config.uda.fd_lambda = 0.0
-    if name.startswith("pgpc"):
-        base.use_pgpc(config)
-        config.contrast.variant = "cluda" if name == "pgpc_cluda" else "pgpc"
-        config.contrast.grid = (5, 5)
-        config.contrast.num_anchors = 16
-        config.contrast.num_negatives = 32
-        config.contrast.num_unreliable = 16
-        config.contrast.reliable_threshold = 0.3
+    if config.method == "pgpc":
+        config.pgpc.variant = "cluda" if name == "pgpc_cluda" else "pgpc"
+        config.pgpc.grid = (5, 5)
+        config.pgpc.num_anchors = 16
+        config.pgpc.num_negatives = 32
+        config.pgpc.num_unreliable = 16
+        config.pgpc.reliable_threshold = 0.3
     return config
 
 
-def batches(n: int = STEPS, batch: int = 2, size: int = 64, seed: int = 0):
-    """Fixed source / target batches: noise images, labels constant on 32x32 blocks (so thing
+def batches(n: int = STEPS, batch: int = 8, size: int = 32, seed: int = 0):
+    """Fixed source / target batches: noise images, labels constant on each 32x32 image (so thing
     classes fill the feature distance's cells and ClassMix pastes whole regions)."""
     rng = np.random.default_rng(seed)
     out = []
@@ -67,23 +64,30 @@ def batches(n: int = STEPS, batch: int = 2, size: int = 64, seed: int = 0):
     return out
 
 
-def run(name: str) -> dict:
-    """{'metrics': [per step {name: float}], 'params': {leaf path: float64 sum}}."""
-    from pgpc_jax import optim
+def build(name: str) -> dict:
+    """The run's config, model, optimizer, step function (not jitted) and state at step 0."""
+    from pgpc_jax import methods, optim
     from pgpc_jax.models import segmentor
     from pgpc_jax.train_state import create_train_state
     from pgpc_jax.train_step import make_train_step
 
     config = run_config(name)
-    model = segmentor.build_segmentor(config.model)
+    model = methods.build_model(config)
     variables = segmentor.init_variables(model, jax.random.key(0))
-    tx = optim.make_optimizer(variables["params"], config.num_train_steps, **config.optimizer)
-    state = create_train_state(config, variables, tx)
-    step = jax.jit(make_train_step(config, model, tx))
-    metrics = []
-    for src, tgt in batches():
-        state, m = step(state, src, tgt)
-        metrics.append({k: float(v) for k, v in sorted(jax.device_get(m).items())})
+    optimizer = optim.make_optimizer(
+        variables["params"], config.num_train_steps, **config.optimizer
+    )
+    return dict(
+        config=config,
+        model=model,
+        optimizer=optimizer,
+        step_fn=make_train_step(config, model, optimizer),
+        state=create_train_state(config, variables, optimizer.tx),
+    )
+
+
+def summary(metrics: list, state) -> dict:
+    """{'metrics': [per step {name: float}], 'params': {leaf path: float64 sum}}."""
     params = {
         jax.tree_util.keystr(path): float(np.asarray(leaf, np.float64).sum())
         for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
@@ -91,16 +95,37 @@ def run(name: str) -> dict:
     return {"metrics": metrics, "params": params}
 
 
+def run(name: str, step=None, states: dict | None = None) -> dict:
+    """The five steps of run `name` (with `step`, a jitted step of `build(name)`, if given);
+    `states`, if given, receives the state after each step {step: state}."""
+    built = build(name)
+    step = step or jax.jit(built["step_fn"])
+    state, metrics = built["state"], []
+    for src, tgt in batches():
+        state, m = step(state, src, tgt)
+        metrics.append({k: float(v) for k, v in sorted(jax.device_get(m).items())})
+        if states is not None:
+            states[int(state.step)] = state
+    return summary(metrics, state)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"write {FIXTURE}")
+    parser.add_argument(
+        "--runs", nargs="+", default=list(RUNS), choices=RUNS, help="runs to (re)record"
+    )
     args = parser.parse_args(argv)
-    results = {name: run(name) for name in RUNS}
-    if args.write:
+    results = {name: run(name) for name in args.runs}
+    if args.write:  # merged into the runs already recorded
         os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
+        recorded = {}
+        if os.path.exists(FIXTURE):
+            with open(FIXTURE) as f:
+                recorded = json.load(f)
         with open(FIXTURE, "w") as f:
-            json.dump(results, f, indent=1, sort_keys=True)
-        print(f"wrote {FIXTURE}")
+            json.dump({**recorded, **results}, f, indent=1, sort_keys=True)
+        print(f"wrote {', '.join(args.runs)} to {FIXTURE}")
     else:
         json.dump(results, sys.stdout, indent=1, sort_keys=True)
     return 0

@@ -70,7 +70,8 @@ def test_shapes_on_non_square_odd_input(head):
     )
     variables = init_variables(model, jax.random.key(0))
     x = jnp.zeros((2, 75, 101, 3))
-    logits, feats = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    outputs = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    logits, feats = outputs["logits"], outputs["features"]
     # Conv output sizes: floor((n + 2p - k) / s) + 1 for 7/4/3, then 3/2/1 three times.
     sizes = [(19, 26), (10, 13), (5, 7), (3, 4)]
     assert [f.shape[1:3] for f in feats] == sizes
@@ -88,7 +89,7 @@ def test_eval_uses_running_stats_and_train_uses_batch_stats():
     model = build_segmentor(tiny.get_config().model)
     variables = init_variables(model, jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 64, 96, 3))
-    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False)["logits"])
     train = jax.jit(
         lambda v, x: model.apply(
             v, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]
@@ -103,8 +104,9 @@ def test_eval_uses_running_stats_and_train_uses_batch_stats():
     shifted_vars = {**variables, "batch_stats": shifted}
     assert not np.allclose(np.asarray(a), np.asarray(evaluate(shifted_vars, x)))
     # Train: batch statistics (running ones ignored), running estimates updated once.
-    (t, _), updated = train(variables, x)
-    (t2, _), _ = train(shifted_vars, x)
+    out, updated = train(variables, x)
+    out2, _ = train(shifted_vars, x)
+    t, t2 = out["logits"], out2["logits"]
     np.testing.assert_allclose(np.asarray(t), np.asarray(t2), atol=1e-5)
     counts = [int(v) for v in jax.tree.leaves(updated["batch_stats"]) if v.dtype == jnp.int32]
     assert counts and set(counts) == {1}
@@ -122,8 +124,8 @@ def test_sharded_batchnorm_uses_global_batch_statistics():
     x = jax.random.normal(jax.random.key(1), (8, 32, 48, 3)) * jnp.arange(1, 9)[:, None, None, None]
 
     def step(v, images):
-        (logits, _), upd = model.apply(v, images, train=True, mutable=["batch_stats"])
-        return logits, upd["batch_stats"]
+        outputs, upd = model.apply(v, images, train=True, mutable=["batch_stats"])
+        return outputs["logits"], upd["batch_stats"]
 
     ref_logits, ref_stats = jax.jit(step)(variables, x)
     mesh = jax.make_mesh((8,), ("data",))

@@ -1,16 +1,18 @@
 """Learning-rate schedule and AdamW parameter groups against mmcv 1.3.x and torch.optim.AdamW."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import torch
+from flax import traverse_util
 
 from configs import tiny
 from pgpc_jax import optim
 from pgpc_jax.models.segmentor import abstract_variables, build_segmentor
-from pgpc_jax.torch_names import variables_to_canonical
+from pgpc_jax.torch_names import canonical_layout, variables_to_canonical
 
 
 def _mmcv_lr(it, base_lr, max_iters, warmup_iters, warmup_ratio, power=1.0, min_lr=0.0):
@@ -80,6 +82,34 @@ def test_param_groups_of_the_tiny_segmentor(tiny_params):
     assert set(groups.values()) == {"head", "norm", "default"}
 
 
+class _ToyProjection(nn.Module):
+    """A method's auxiliary head at test size: 1x1 conv + BN (+ a norm named 'norm') on stage 4."""
+
+    @nn.compact
+    def __call__(self, features, train):
+        x = nn.Conv(8, (1, 1))(features[-1])
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        return nn.LayerNorm(name="norm")(x)
+
+
+def test_auxiliary_head_parameters_take_the_head_rule(tiny_params):
+    model = build_segmentor(tiny.get_config().model, {"proj": _ToyProjection()})
+    params = abstract_variables(model)["params"]
+    labels = optim.param_group_labels(params, optim.custom_keys())
+    aux = traverse_util.flatten_dict(labels["auxiliary_head"])
+    # Conv kernel and bias, BN scale and bias, LayerNorm scale and bias (named 'norm').
+    assert len(aux) == 6 and set(aux.values()) == {"head"}, aux
+    # mmseg's matcher on the torch names, as DAFormer's custom keys give them.
+    names = canonical_layout({"params": {"auxiliary_head": params["auxiliary_head"]}})
+    assert "auxiliary_head.proj.norm.weight" in names
+    for name in names:
+        assert optim.match_custom_key(name, optim.custom_keys()) == "head", name
+    # The segmentor's own groups do not change beside an auxiliary head.
+    without = dict(labels)
+    del without["auxiliary_head"]
+    assert without == optim.param_group_labels(tiny_params, optim.custom_keys())
+
+
 def _torch_param_groups(canonical, base_lr, base_wd):
     # mmcv DefaultOptimizerConstructor.add_params with DAFormer's custom_keys, on torch names.
     custom = {
@@ -105,7 +135,7 @@ def test_one_adamw_run_matches_torch_with_mmcv_groups(tiny_params):
     # Large rate and decay so that a wrong group (lr or decay) shows far above float noise.
     hp = dict(learning_rate=1e-2, weight_decay=0.1, warmup_steps=2, warmup_ratio=0.1)
     num_steps = 10
-    tx = optim.make_optimizer(tiny_params, num_steps, **hp)
+    tx = optim.make_optimizer(tiny_params, num_steps, **hp).tx
     params = jax.tree.map(jnp.asarray, tiny_params)
     state = jax.jit(tx.init)(params)
     canonical = variables_to_canonical({"params": tiny_params})

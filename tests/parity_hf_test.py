@@ -61,7 +61,7 @@ def test_export_to_hf_loads_with_from_pretrained_and_gives_same_logits(tmp_path)
         ref = (
             hf(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy().transpose(0, 2, 3, 1)
         )
-    logits, _ = jax.jit(lambda v, x: ours.apply(v, x, train=False))(variables, images)
+    logits = jax.jit(lambda v, x: ours.apply(v, x, train=False)["logits"])(variables, images)
     assert parity.relative_error(np.asarray(logits), ref) < 1e-4
     # The file holds our tensors bit for bit.
     back = convert.read_state(str(tmp_path))

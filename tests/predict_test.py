@@ -47,7 +47,7 @@ def test_outputs_follow_daformer_inference(tiny_weights, tmp_path):
     assert logits.shape == (75, 101, 19) and logits.dtype == np.float32
     # Independent check: stride-4 logits, upsampled by torch as mmseg does.
     x = ((rgb.astype(np.float32) - predict.MEAN) / predict.STD)[None]
-    low, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    low = jax.jit(lambda v, x: model.apply(v, x, train=False)["logits"])(variables, x)
     ref = (
         F.interpolate(
             torch.from_numpy(np.array(low).transpose(0, 3, 1, 2)),

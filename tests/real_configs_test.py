@@ -24,7 +24,8 @@ from pgpc_jax import convert, evaluation, export, main, sharding, train, weights
 from pgpc_jax.models import segmentor
 
 BENCHMARKS = ("gta2cs", "synthia2cs", "cs2darkzurich")
-CONFIGS = [f"{b}{suffix}" for b in BENCHMARKS for suffix in ("", "_daformer", "_source_only")]
+# `configs/<benchmark>.py:<method>`, as `--config` names them.
+CONFIGS = [f"{b}:{m}" for b in BENCHMARKS for m in ("pgpc", "daformer", "source_only")]
 # Fixture sizes with enough pixels per class for DAFormer's RCS (3000 pixels per class in an
 # image) and the originals' aspect ratios; the builds resize them to each DAFormer scale.
 SIZES = {"gta5": (220, 400), "cityscapes": (200, 400), "synthia": (238, 400)}
@@ -60,8 +61,11 @@ def imagenet_file(tmp_path_factory):
 
 
 def _user_config(name, data_dir, imagenet_file):
-    """The config as shipped, with only the model size and the step counts made small."""
-    config = importlib.import_module(f"configs.{name}").get_config()
+    """The config as shipped (`name`: benchmark[:method]), with only the model size and the step
+    counts made small."""
+    benchmark, _, method = name.partition(":")
+    module = importlib.import_module(f"configs.{benchmark}")
+    config = module.get_config(method) if method else module.get_config()
     config.data.data_dir = data_dir
     config.init_from.path = imagenet_file
     config.model.backbone = "tiny"

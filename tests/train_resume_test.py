@@ -81,7 +81,7 @@ def test_resume_equals_uninterrupted(data_dir, straight_run, tmp_path, monkeypat
     assert int(state_a.step) == int(state_b.step) == 4
     assert data_a == data_b and len(data_a["source"]) == 1
     _assert_same_state(state_a, state_b)
-    assert bool(np.asarray(state_a.prototypes["seen"]).any())
+    assert bool(np.asarray(state_a.method_state["seen"]).any())
 
     # Logs: every step once, in both files, and the training metrics equal the straight run's.
     jsonl, tensorboard, rows_b = _logged_steps(resumed)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgpc_jax.uda.feature_distance import THING_CLASSES, downscale_label_ratio, feature_distance
+from data_pipelines.labels import THING_CLASSES
+from pgpc_jax.uda.feature_distance import downscale_label_ratio, feature_distance
 
 
 def _torch_downscale(gt, scale, min_ratio, n_classes, ignore=255):

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.labels import IGNORE_INDEX
 from pgpc_jax.models.layers import resize_bilinear, resize_nearest_legacy
 
-IGNORE_INDEX = 255
 # torch.nn.functional.normalize's default eps.
 _NORMALIZE_EPS = 1e-12
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from data_pipelines.labels import IGNORE_INDEX
 from pgpc_jax.models.layers import resize_bilinear
 
 
@@ -24,7 +25,7 @@ def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
     weight: jax.Array | None = None,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> jax.Array:
     """mmseg's weighted cross-entropy of stride-4 logits against full-resolution labels.
 

@@ -1,9 +1,12 @@
 """The segmentor: MiT encoder + decode head, and whole-image inference.
 
-`Segmentor(images, train) -> (logits [B, H/4, W/4, K], features)`: training needs both the
-stride-4 logits (upsampled in the loss, as mmseg does) and the encoder features (ImageNet
-feature distance, pixel contrast). The variable tree is
-`{'params': {'backbone', 'decode_head'}, 'batch_stats': {'decode_head'}}`.
+`Segmentor(images, train) -> {'logits': [B, H/4, W/4, K], 'features': 4 stages, <aux>: ...}`:
+training needs the stride-4 logits (upsampled in the loss, as mmseg does), the encoder features
+(ImageNet feature distance, pixel contrast) and the outputs of any auxiliary head a method asks
+for (a projection head, a self-labelling head). The variable tree is
+`{'params': {'backbone', 'decode_head'[, 'auxiliary_head']}, 'batch_stats': {...}}`; auxiliary
+heads sit under `auxiliary_head/<name>`, as mmseg's `auxiliary_head`: they train with the
+head learning-rate rule (their torch names contain 'head') and exports leave them out.
 
 A model is described by the `model` group of a config (see `configs/base.py`); `build_segmentor`
 is the one place that turns it into a module.
@@ -38,6 +41,8 @@ class Segmentor(nn.Module):
         for b0/b1 and 768 for b2..b5).
       head_channels: width of the DAFormer fusion (ASPP / bottleneck).
       dropout_rate: channel dropout before the classifier.
+      auxiliary_heads: ((name, module), ...): extra heads on the encoder features, each called
+        as `module(features, train)`; its output is the model output `name`.
     """
 
     backbone: MiTConfig = MiTConfig()
@@ -48,6 +53,7 @@ class Segmentor(nn.Module):
     dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    auxiliary_heads: tuple[tuple[str, nn.Module], ...] = ()
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -71,11 +77,17 @@ class Segmentor(nn.Module):
             )
         else:
             raise ValueError(f"model.head={self.head!r}: expected one of {HEADS}")
+        if self.auxiliary_heads:
+            self.auxiliary = AuxiliaryHeads(self.auxiliary_heads, name="auxiliary_head")
 
     def __call__(
         self, images: jax.Array, train: bool = False, dropout: bool | None = None
-    ) -> tuple[jax.Array, list[jax.Array]]:
-        """images [B, H, W, 3] normalised -> (logits [B, H/4, W/4, K] float32, 4 features).
+    ) -> dict[str, Any]:
+        """images [B, H, W, 3] normalised -> named outputs.
+
+        Returns:
+          {'logits': float32 [B, H/4, W/4, K], 'features': the 4 encoder stages
+          [B, H/s, W/s, C_s] for s = 4, 8, 16, 32, and one entry per auxiliary head}.
 
         `train` puts BatchNorm on batch statistics (updating the running ones when
         `batch_stats` is mutable); `dropout` (default: `train`) switches channel dropout and
@@ -84,19 +96,48 @@ class Segmentor(nn.Module):
         dropout = train if dropout is None else dropout
         features = self.encoder(images, dropout)
         logits = self.decoder(features, train, dropout)
-        return logits.astype(jnp.float32), features
+        outputs = {"logits": logits.astype(jnp.float32), "features": features}
+        if self.auxiliary_heads:
+            outputs.update(self.auxiliary(features, train))
+        return outputs
 
     def encode(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
         """Encoder features only (the frozen ImageNet model of the feature distance)."""
         return self.encoder(images, train)
 
 
-def build_segmentor(model_cfg: Mapping[str, Any]) -> Segmentor:
+class AuxiliaryHeads(nn.Module):
+    """The auxiliary heads of a method, each under its own name: {name: head(features, train)}."""
+
+    heads: tuple[tuple[str, nn.Module], ...] = ()
+
+    @nn.compact
+    def __call__(self, features: list[jax.Array], train: bool) -> dict[str, Any]:
+        return {
+            name: head.clone(name=name, parent=self)(features, train) for name, head in self.heads
+        }
+
+
+RESERVED_OUTPUTS = ("logits", "features")
+
+
+def build_segmentor(
+    model_cfg: Mapping[str, Any], auxiliary_heads: Mapping[str, nn.Module] | None = None
+) -> Segmentor:
     """Build a `Segmentor` from the `model` config group.
 
     Fields: backbone ('b0'..'b5', 'tiny'), head, num_classes, head_embed_dim, head_channels,
     dropout_rate, drop_path_rate, layer_norm ('mmseg' or 'hf' eps convention), dtype.
+    `auxiliary_heads` ({name: unbound module}) are a method's extra heads
+    (`methods.<name>.auxiliary_heads(config)`); evaluation, prediction and export build the
+    segmentor without them.
     """
+    auxiliary_heads = dict(auxiliary_heads or {})
+    for name in auxiliary_heads:
+        if name in RESERVED_OUTPUTS or not name.isidentifier():
+            raise ValueError(
+                f"auxiliary head name {name!r}: use an identifier other than {RESERVED_OUTPUTS}"
+            )
     name = model_cfg["backbone"]
     if name not in MIT_VARIANTS:
         raise ValueError(f"model.backbone={name!r}: expected one of {sorted(MIT_VARIANTS)}")
@@ -115,6 +156,7 @@ def build_segmentor(model_cfg: Mapping[str, Any]) -> Segmentor:
         head_channels=model_cfg["head_channels"],
         dropout_rate=model_cfg["dropout_rate"],
         dtype=DTYPES[model_cfg["dtype"]],
+        auxiliary_heads=tuple(sorted(auxiliary_heads.items())),
     )
 
 
@@ -150,5 +192,5 @@ def predict_logits(model: Segmentor, variables: Mapping, images: jax.Array) -> j
     As mmseg's `encode_decode`: the stride-4 logits are upsampled bilinearly
     (align_corners=False) to the input size. Evaluation mode: running BN statistics, no dropout.
     """
-    logits, _ = model.apply(variables, images, train=False)
+    logits = model.apply(variables, images, train=False)["logits"]
     return resize_bilinear(logits, images.shape[1:3], align_corners=False)

@@ -15,9 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# Cityscapes trainIds of traffic light, traffic sign, person, rider, car, truck, bus, train,
-# motorcycle, bicycle (`imnet_feature_dist_classes` of `_base_/uda/dacs_a999_fdthings.py`).
-THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+from data_pipelines.labels import IGNORE_INDEX, THING_CLASSES
 
 
 def downscale_label_ratio(
@@ -25,7 +23,7 @@ def downscale_label_ratio(
     scale: int,
     min_ratio: float = 0.75,
     num_classes: int = 19,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> jax.Array:
     """Downscale labels by `scale` keeping only pure cells, as DAFormer's `downscale_label_ratio`.
 
@@ -72,7 +70,7 @@ def feature_distance(
     thing_classes: Sequence[int] = THING_CLASSES,
     min_ratio: float = 0.75,
     num_classes: int = 19,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> jax.Array:
     """Mean L2 distance between student and ImageNet features over thing-class cells.
 

@@ -53,9 +53,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-# mmseg `img_norm_cfg` of every DAFormer dataset config (RGB order).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+from data_pipelines.labels import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 # ---------------------------------------------------------------------------------------------
 # ClassMix
@@ -65,7 +63,7 @@ def class_mix_masks(
     rng: jax.Array,
     src_labels: jax.Array,
     num_classes: int = 19,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     include_ignore: bool = True,
 ) -> jax.Array:
     """DACS `get_class_masks`: per image, half of the batch's classes, as a pixel mask.

@@ -1,0 +1,50 @@
+"""The training methods, one module each, and `METHODS`: name -> module.
+
+A method module is a few small pure functions (`docs/method.md`, "Adding a method"):
+
+  configure(config)          add the method's config group (if any) and its recipe changes
+  validate(config)           raise ValueError naming the key and value of a bad setting
+  needs_teacher(config)      keep and update the EMA teacher?
+  needs_imnet(config)        keep the frozen ImageNet encoder?
+  auxiliary_heads(config)    {name: flax module} extra heads on the encoder features
+  init_state(config, params) the initial `method_state` (a pytree, or None)
+  make_losses(config)        -> losses(ctx) -> ({name: loss}, new method_state, {name: metric})
+
+The generic step (`train_step.py`) looks the method up once, in Python, at trace time.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from pgpc_jax.methods import daformer, pgpc, source_only
+from pgpc_jax.models import segmentor
+
+METHODS: dict[str, ModuleType] = {
+    "source_only": source_only,
+    "daformer": daformer,
+    "pgpc": pgpc,
+}
+DEFAULT = "pgpc"
+
+
+def get(name: str) -> ModuleType:
+    """The module of method `name`, or a ValueError listing the methods."""
+    if name not in METHODS:
+        raise ValueError(f"method={name!r}: expected one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def configure(config, name: str | None = None):
+    """Make `config` (a benchmark config) train method `name` (default PGPC): sets
+    `config.method` and lets the method add its group and recipe. Returns `config`."""
+    name = name or DEFAULT
+    method = get(name)
+    config.method = name
+    method.configure(config)
+    return config
+
+
+def build_model(config) -> segmentor.Segmentor:
+    """The segmentor a run trains: the `model` group plus the method's auxiliary heads."""
+    return segmentor.build_segmentor(config.model, get(config.method).auxiliary_heads(config))
