@@ -128,14 +128,14 @@ def test_a_non_finite_state_is_never_saved(data_dir, tmp_path, monkeypatch):
     config = _config(data_dir, 4)
     config.checkpoint_every_steps = 1
     config.log_every_steps = 4
-    calls = {"source": 0}
+    calls = {"batches": 0}
     real = train.sharding.global_batch
 
     def poisoned(local, mesh):
-        if "label" in local:  # the source batch
-            calls["source"] += 1
-            if calls["source"] == 3:
-                local = {**local, "image": np.full_like(local["image"], np.nan)}
+        # The loop makes the source batch, then the target batch (both whole dicts), each step.
+        calls["batches"] += 1
+        if calls["batches"] == 2 * 3 - 1:  # step 3's source batch
+            local = {**local, "image": np.full_like(local["image"], np.nan)}
         return real(local, mesh)
 
     monkeypatch.setattr(train.sharding, "global_batch", poisoned)
