@@ -155,6 +155,12 @@ def load_run(
 
     config = read_run_config(workdir)
     root = checkpointing.run_path(workdir)
+    if "method" not in config and "contrast" in config:
+        raise WeightsError(
+            f"{root / 'config.json'} is a run of pgpc_jax before methods were modules (it has "
+            "uda.method and contrast, not method): read it with that version (git 22e616e), "
+            "e.g. export it to --format flax there, and load the export here"
+        )
     try:
         _, _, abstract = train.abstract_train_state(config)
     except Exception as e:  # a config.json from another version of the code: say which file

@@ -432,3 +432,9 @@ def test_a_run_without_teacher_exports_its_student_alone(tmp_path):
     with pytest.raises(export.ExportError, match="has no EMA teacher; use --which student"):
         export.export_run(str(root), "flax", str(tmp_path / "t"), which="teacher")
     assert not os.path.exists(tmp_path / "t")
+    # A run of the code before methods were modules says so in one line.
+    old = json.loads((root / "config.json").read_text())
+    old["uda"]["method"], old["contrast"] = old.pop("method"), {"variant": "none"}
+    (root / "config.json").write_text(json.dumps(old))
+    with pytest.raises(weights.WeightsError, match="before methods were modules .*git 22e616e"):
+        weights.load_run(str(root))
