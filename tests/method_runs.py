@@ -115,8 +115,24 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--runs", nargs="+", default=list(RUNS), choices=RUNS, help="runs to (re)record"
     )
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the fixture: bit-identical or not"
+    )
     args = parser.parse_args(argv)
     results = {name: run(name) for name in args.runs}
+    if args.check:
+        with open(FIXTURE) as f:
+            recorded = json.load(f)
+        for name, got in results.items():
+            want = recorded[name]
+            pairs = [(g[k], w[k]) for g, w in zip(got["metrics"], want["metrics"]) for k in w]
+            pairs += [(got["params"][k], v) for k, v in want["params"].items()]
+            worst = max(abs(g - w) / max(abs(w), 1e-12) for g, w in pairs)
+            same = worst == 0 and len(got["metrics"]) == len(want["metrics"])
+            print(
+                f"{name}: {'bit-identical' if same else f'largest relative difference {worst:.3g}'}"
+            )
+        return 0
     if args.write:  # merged into the runs already recorded
         os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
         recorded = {}
