@@ -25,12 +25,13 @@ def embedded_run(
     batch_size: int = 2,
     num_devices: int = 1,
     eval_every_steps: int = 1000,
+    method: str | None = None,
 ):
-    """configs/synthetic.py (PGPC: prototypes are part of the state) on the `tiny` build of the
-    embedded dataset (`python -m data_pipelines.build --dataset synthetic_shift --config tiny`):
-    32x32 crops, a 16-wide head, `steps` steps, checkpoints every 2, a global `batch_size` over
+    """configs/synthetic.py:`method` (default PGPC, whose prototypes are part of the state) on
+    the `tiny` build of the embedded dataset (`python -m data_pipelines.build --dataset
+    synthetic_shift --config tiny`): 32x32 crops, a 16-wide head, `steps` steps, checkpoints every 2, a global `batch_size` over
     `num_devices` devices (0: all), evaluation every `eval_every_steps` and at the end."""
-    config = synthetic.get_config()
+    config = synthetic.get_config(method)
     config.data.data_dir = data_dir
     for group in (config.data.source, config.data.target, config.data.val):
         group.dataset = "synthetic_shift/tiny"
@@ -40,10 +41,11 @@ def embedded_run(
         group.crop_size = (32, 32)
     config.data.val.scale = ()
     config.data.source.rcs_min_pixels = 10
-    config.pgpc.grid = (5, 5)
-    config.pgpc.num_anchors = 16
-    config.pgpc.num_negatives = 32
-    config.pgpc.num_unreliable = 16
+    if config.method == "pgpc":
+        config.pgpc.grid = (5, 5)
+        config.pgpc.num_anchors = 16
+        config.pgpc.num_negatives = 32
+        config.pgpc.num_unreliable = 16
     config.model.head_embed_dim = config.model.head_channels = 16
     config.mesh.num_devices = num_devices
     config.num_train_steps = steps

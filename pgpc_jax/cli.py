@@ -70,9 +70,24 @@ def _missing_config(argv: list[str]) -> str | None:
     return f"--config={path}: no such file{hint}"
 
 
+def _bad_config_argument(argv: list[str]) -> str | None:
+    """Describe a config whose `get_config` refuses its argument (`configs/gta2cs.py:sepico`
+    before SePiCo exists): ml_collections reports it as a traceback inside its own message."""
+    path = _config_file(argv)
+    if path is None:
+        return None
+    try:
+        load_config(path)
+    except ValueError as e:
+        return f"--config={path}: {e}"
+    except Exception:  # a broken file: let the original error speak
+        return None
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with readable errors for bad flags and config overrides."""
-    message = _missing_config(argv)
+    message = _missing_config(argv) or _bad_config_argument(argv)
     if message is None:
         try:
             return flags.FLAGS(argv)

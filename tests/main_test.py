@@ -167,6 +167,27 @@ def test_cli_config_file_that_does_not_exist(tmp_path):
     assert "gta2cs.py" in r.stderr and not (tmp_path / "run").exists()
 
 
+def test_cli_method_argument(tmp_path):
+    """`--config FILE.py:METHOD`: an unknown method, and an override of another method's group,
+    are one line each (exit 2) and write nothing."""
+    r = _cli("--config", "configs/synthetic.py:sepico", "--workdir", str(tmp_path / "run"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith(
+        "error: --config=configs/synthetic.py:sepico: method='sepico': expected one of "
+        "source_only, daformer, pgpc"
+    )
+    r = _cli(
+        "--config",
+        "configs/synthetic.py:daformer",
+        "--config.pgpc.variant=cluda",
+        "--workdir",
+        str(tmp_path / "run"),
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: --config.pgpc.variant: config has no key 'pgpc'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_incomplete_multi_process_settings(tmp_path):
     r = _cli(
         "--config",
