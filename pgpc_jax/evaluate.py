@@ -473,6 +473,11 @@ def main(argv: list[str]) -> None:
         print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `pgpc-evaluate` command (`python -m pgpc_jax.evaluate`)."""
     define_flags()
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -184,7 +184,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `pgpc-train` command (`python -m pgpc_jax.main`)."""
     define_flags()
     logging.set_verbosity(logging.INFO)
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()
