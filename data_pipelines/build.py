@@ -252,5 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `pgpc-build-data` command (`python -m data_pipelines.build`)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
