@@ -62,8 +62,9 @@ def test_count_class_pixels_skips_ignore():
     assert (counts[0], counts[3], counts[18]) == (2, 1, 1)
 
 
-# Names and numbers that `labels.py` defines once (STYLE.md, "Layers"); no other module may
-# define them again. MEAN_RGB / STD_RGB are the names the data transforms used to have.
+# Names and numbers that `labels.py` defines once (the thing classes, the ImageNet mean / std
+# and the ignore index); no other module may define them again. MEAN_RGB / STD_RGB are the names
+# the data transforms used to have.
 _SHARED_NAMES = {
     "THING_CLASSES",
     "IGNORE_INDEX",

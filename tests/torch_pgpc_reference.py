@@ -128,7 +128,7 @@ def pgpc_loss_all_pixels(
     unreliable_negatives: bool,
     ignore_index: int = 255,
 ):
-    """The default loss of `pgpc_spec.md` (this project's reconstruction: there is no released
+    """The default loss of `docs/pgpc_spec.md` (this project's reconstruction: there is no released
     code) with every eligible pixel taken as anchor and negative, written anchor by anchor with
     dynamic indexing, independently of `pgpc_jax.losses.contrast`.
 

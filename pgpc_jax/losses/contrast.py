@@ -1,6 +1,6 @@
 """Pixel contrast losses on encoder features: `cluda` (released lineage) and `pgpc` (reconstructed).
 
-Sources (see `docs/method.md`; `pgpc_spec.md` and `pgpc_released_code.md` in the shared notes):
+Sources (`docs/pgpc_spec.md` gives the equations, defaults and sources; `docs/method.md`):
 
 * [released] The embedding (`embed_features`, `labels_to_grid`, `values_to_grid`) is PGPC's
   `dacs.py`: the four encoder stages resized bilinearly (align_corners=False) to stride 4,
@@ -10,10 +10,10 @@ Sources (see `docs/method.md`; `pgpc_spec.md` and `pgpc_released_code.md` in the
   which the released PGPC training step calls, number for number, including its flattening-order
   quirk behind `order_quirk`.
 * [reconstructed] `pgpc_loss` (with `init_prototypes`, `update_prototypes` and the fixed-size
-  samplers) is this project's completion of the paper's description ("The default pgpc loss" of
-  `pgpc_spec.md`): reliable anchors pulled to EMA class prototypes and pushed from reliable pixels
-  of other classes and from unreliable target pixels whose teacher top-K rules the anchor's class
-  out. Every number in it is a keyword argument (a config field).
+  samplers) is this project's completion of the paper's description (variant `pgpc` of
+  `docs/pgpc_spec.md`): reliable anchors pulled to EMA class prototypes and pushed from reliable
+  pixels of other classes and from unreliable target pixels whose teacher top-K rules the
+  anchor's class out. Every number in it is a keyword argument (a config field).
 
 Everything is jit-friendly: static shapes, fixed-size sampling with validity masks (top-k of
 random priorities) instead of boolean indexing, and sampling that depends only on the rng and

@@ -1,5 +1,6 @@
 """PGPC: DAFormer self-training plus a pixel contrast on the encoder features (PGPC's released
-`dacs.py`, and this project's reconstruction of the paper's loss, `docs/method.md`).
+`dacs.py`, and this project's reconstruction of the paper's loss; specification:
+`docs/pgpc_spec.md`).
 
 The step is DAFormer's (`uda/dacs.py`) with the pseudo-label weight times lambda_t
 (`uda.target_weight` = 0.8, set by `configure`) and one more loss. The four encoder stages of the
@@ -8,7 +9,7 @@ align_corners=True); labels go to the grid by PyTorch's legacy nearest rule (or 
 
 * `pgpc.variant='cluda'`: the released lineage's loss on the source grid (ground truth) plus the
   mixed grid (mixed labels, bilinear pixel weights), weight 1 each.
-* `pgpc.variant='pgpc'` (default): the reconstruction (`pgpc_spec.md`): one pixel set of the
+* `pgpc.variant='pgpc'` (default): the reconstruction (`docs/pgpc_spec.md`): one pixel set of the
   source and mixed grids of the global batch, each pixel with its label, confidence (1 for
   source and pasted pixels, the teacher's max probability for target ones, taken at the label's
   pixel) and the teacher's top-K classes; the class prototypes are the method state. No
@@ -29,7 +30,8 @@ VARIANTS = ("pgpc", "cluda")
 
 def config_group() -> ml_collections.ConfigDict:
     """The `pgpc` group. [released] = PGPC's released training step / the CLUDA loss it calls;
-    [reconstructed] = this project's completion of the paper (docs/method.md says why)."""
+    [reconstructed] = this project's completion of the paper (`docs/pgpc_spec.md` lists each
+    field; `docs/method.md` says why)."""
     return ml_collections.ConfigDict(
         dict(
             # 'pgpc' (reconstructed PGPC) or 'cluda' (the released loss).
