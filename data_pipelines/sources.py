@@ -48,7 +48,7 @@ _DOWNLOADS = {
     "dark_zurich": "Dark Zurich",
 }
 # synthetic_shift's custom config names, `synthetic_config`'s `<H>x<W>_n<N>_v<V>_s<S>[_k<K>]`.
-_SYNTHETIC_CUSTOM = re.compile(r"(\d+)x(\d+)_n(\d+)_v(\d+)_s(\d+)(?:_k([-+.\deE]+))?")
+SYNTHETIC_CUSTOM_NAME = re.compile(r"(\d+)x(\d+)_n(\d+)_v(\d+)_s(\d+)(?:_k([-+.\deE]+))?")
 
 
 def build_command(data_dir: str, dataset: str) -> str:
@@ -84,7 +84,7 @@ def build_command(data_dir: str, dataset: str) -> str:
             f"--data_dir {data_dir}{resize}"
         )
     if name == "synthetic_shift":
-        match = _SYNTHETIC_CUSTOM.fullmatch(config)
+        match = SYNTHETIC_CUSTOM_NAME.fullmatch(config)
         if match:
             height, width, num_train, num_val, seed, strength = match.groups()
             options = (
@@ -145,6 +145,12 @@ def dataset_dir(data_dir: str, dataset: str) -> str:
     if not versions:
         raise DatasetNotBuiltError(_not_built_message(data_dir, dataset, path))
     return os.path.dirname(versions[-1])
+
+
+def split_counts(builder_dir: str) -> dict[str, int]:
+    """Images per split of a finished build, from its dataset_info.json (no record is read)."""
+    splits = tfds.builder_from_directory(builder_dir).info.splits
+    return {name: splits[name].num_examples for name in splits}
 
 
 def read_metadata(builder_dir: str) -> dict:
