@@ -515,6 +515,11 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `pgpc-convert` command (`python -m pgpc_jax.convert`)."""
     define_flags()
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

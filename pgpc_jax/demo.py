@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from pgpc_jax import checkpointing, predict
-from pgpc_jax.cli import parse_flags
+from pgpc_jax.cli import parse_flags, resolve_config
 from pgpc_jax.models import segmentor
 
 FLAGS = flags.FLAGS
@@ -63,9 +63,15 @@ def main(argv):
     run_demo(FLAGS.config, FLAGS.out)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m pgpc_jax.demo`."""
+    # The default config resolves as a `--config` value does: the shipped file outside a clone.
     config_flags.DEFINE_config_file(
-        "config", "configs/gta2cs.py", "Config of the model.", lock_config=True
+        "config", resolve_config("configs/gta2cs.py"), "Config of the model.", lock_config=True
     )
     flags.DEFINE_string("out", "runs/demo", "Output directory.")
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -247,6 +247,11 @@ def main(argv: list[str]) -> None:
     print("\n".join(lines))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `pgpc-export` command (`python -m pgpc_jax.export`)."""
     define_flags()
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()
