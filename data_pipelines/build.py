@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -228,7 +229,11 @@ def build(args: argparse.Namespace, stream=None) -> int:
             with removed_on_failure(builder):
                 if hasattr(builder, "checked_items") and args.dataset != "synthetic_shift":
                     builder.checked_items()  # Fail on a bad layout before TFDS creates folders.
-                builder.download_and_prepare(file_format="array_record")
+                # TFDS's own bars and its "Downloading and preparing dataset Unknown size"
+                # line are left out: the builders print their progress with rate and ETA.
+                tfds.disable_progress_bar()
+                with contextlib.redirect_stdout(io.StringIO()):
+                    builder.download_and_prepare(file_format="array_record")
         metadata = tfds.builder_from_directory(builder.data_dir).info.metadata or {}
         stream.write(format_summary(builder, dict(metadata), None if done else time.time() - start))
         stream.write("\n")

@@ -294,6 +294,26 @@ def iou_table(metrics: Mapping[str, float], class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def iou_markdown(metrics: Mapping[str, float]) -> str:
+    """The per-class IoU (`eval/iou/<name>` keys) and the mIoUs as a markdown table (a class
+    absent from the labels and the predictions: n/a)."""
+    rows = [
+        (k[len("eval/iou/") :].replace("_", " "), v)
+        for k, v in metrics.items()
+        if k.startswith("eval/iou/")
+    ]
+    rows += [
+        (k[len("eval/") :].replace("miou", "mIoU"), v)
+        for k, v in metrics.items()
+        if k.startswith("eval/miou")
+    ]
+    cells = [
+        f"| {name} | {'n/a' if not np.isfinite(value) else f'{100 * value:.2f}'} |"
+        for name, value in rows
+    ]
+    return "| class | IoU (%) |\n|---|---:|\n" + "\n".join(cells)
+
+
 def _class_names(num_classes: int) -> tuple[str, ...]:
     if num_classes == label_table.NUM_CLASSES:
         return label_table.CLASSES
@@ -319,35 +339,47 @@ def _fetch_counts(cm: Any) -> np.ndarray:
 
 
 def save_visualizations(
-    directory: str,
+    directory: str | None,
     start: int,
     preds: np.ndarray,
     labels: np.ndarray,
     count: int,
     ignore_index: int = label_table.IGNORE_INDEX,
     write: bool = True,
+    collect: list | None = None,
 ) -> int:
     """Write `<i>_pred.png` and `<i>_label.png` colour images for up to `count` examples.
 
     Args:
-      directory: output directory.
+      directory: output directory (None: no files).
       start: index of the first example written (file names count on from it).
       preds: int [B, H, W] predictions; labels: int [B, H, W] train ids.
       count: most examples to write.
       ignore_index: all-ignore labels (the padding of `pipeline.val_dataset`) are skipped.
       write: False only counts (processes other than 0 count along with it).
+      collect: if a list, the colour images are also appended to it, as
+        {'pred': uint8 [H, W, 3], 'label': uint8 [H, W, 3]} per example.
 
     Returns:
       The number of examples written.
     """
     keep = [i for i in range(len(labels)) if not np.all(labels[i] == ignore_index)][:count]
     if write and keep:
-        directory = epath.Path(directory)  # a gs:// run directory too
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory is not None:
+            directory = epath.Path(directory)  # a gs:// run directory too
+            directory.mkdir(parents=True, exist_ok=True)
         for n, i in enumerate(keep, start):
-            for what, ids in (("pred", preds[i]), ("label", labels[i])):
+            colours = {
+                "pred": label_table.colorize(preds[i]),
+                "label": label_table.colorize(labels[i]),
+            }
+            if collect is not None:
+                collect.append(colours)
+            if directory is None:
+                continue
+            for what, image in colours.items():
                 with (directory / f"{n:04d}_{what}.png").open("wb") as f:
-                    Image.fromarray(label_table.colorize(ids)).save(f, format="PNG")
+                    Image.fromarray(image).save(f, format="PNG")
     return len(keep)
 
 
@@ -365,6 +397,8 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     windows_per_call: int = 1,
+    visualizations: list | None = None,
+    progress: Any = None,
 ) -> tuple[dict[str, float], str]:
     """Evaluate a model over a finite iterable of batches.
 
@@ -381,11 +415,14 @@ def evaluate(
       crop_size, stride: (h, w) of the sliding windows.
       ignore_index: label value not evaluated.
       num_visualizations: colour predictions saved for the first N (non-padding) images.
-      visualization_dir: where to save them.
+      visualization_dir: where to save them (None: no files, e.g. only `visualizations`).
       class_names: names for the metric keys; Cityscapes' 19 when K = 19.
       mesh: ('data',) mesh the batches are sharded over; found from the variables' sharding
         when None (none: a single device).
       windows_per_call: sliding windows evaluated together.
+      visualizations: if a list, the colour images of the visualized examples are appended
+        to it (process 0): {'pred', 'label'} uint8 [H, W, 3] each.
+      progress: a `metrics_logging.Progress` counting the evaluated images (None: silent).
 
     Returns:
       (metrics, table): metrics as `metrics_from_confusion` (plus 'eval/num_pixels', the
@@ -393,8 +430,8 @@ def evaluate(
     """
     if mode not in MODES:
         raise ValueError(f"eval mode={mode!r}: expected one of {MODES}")
-    if num_visualizations and not visualization_dir:
-        raise ValueError("num_visualizations > 0 needs a visualization_dir")
+    if num_visualizations and not visualization_dir and visualizations is None:
+        raise ValueError("num_visualizations > 0 needs a visualization_dir or visualizations")
     names = tuple(class_names or _class_names(num_classes))
     mesh = mesh if mesh is not None else _mesh_of(variables)
     step = _eval_step(
@@ -440,7 +477,12 @@ def evaluate(
                 num_visualizations - visualized,
                 ignore_index,
                 write=jax.process_index() == 0,
+                collect=visualizations,
             )
+        if progress is not None:  # the global batch (its padding is not counted past the total)
+            progress.update(image.shape[0] * jax.process_count())
+    if progress is not None:
+        progress.close()
     if num_batches == 0:
         raise ValueError("evaluate: the batch iterable is empty")
     total += _fetch_counts(cm)

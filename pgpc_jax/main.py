@@ -11,6 +11,12 @@ run the same command. The cluster is found from the environment on TPU pods and 
 --num_processes N --process_id i` (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID). The workdir may be a `gs://` path.
 
+Output: the devices, the datasets, the model, "compiling the step ..." and its time, then a
+progress line per log step (step, loss and its terms, steps/s, ETA), the evaluation's progress
+and its per-class IoU table. Libraries' INFO logs (orbax, TFDS, grain) and XLA's slow-compile
+alarms are left out; `--verbosity=0` shows them. `--print_config` prints the resolved config
+(the file's, with the command's `--config.` overrides) and exits.
+
 Bad input (a config value, a dataset that is not built, weights that do not fit, a workdir that
 holds another model's run) stops with one line on stderr and exit status 2, before anything is
 written; a non-finite loss stops with one line and exit status 1.
@@ -136,15 +142,13 @@ def run(config, workdir: str, settings: dict | None = None) -> int:
 
     from pgpc_jax import metrics_logging, train
 
-    logging.info(
-        "jax %s, process %d/%d, %d local / %d global devices: %s",
-        jax.__version__,
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices(),
-    )
+    if jax.process_index() == 0:
+        print(
+            f"jax {jax.__version__} on {jax.default_backend()}: {jax.process_count()} "
+            f"process(es), {jax.local_device_count()} local / {jax.device_count()} devices "
+            f"({jax.devices()[0].device_kind})",
+            flush=True,
+        )
     try:
         if not _ensure_embedded_dataset(config):
             return 2
@@ -159,6 +163,13 @@ def run(config, workdir: str, settings: dict | None = None) -> int:
 
 
 def main(argv: list[str]) -> None:
+    if not FLAGS["verbosity"].present:  # orbax, TFDS and grain log every action at INFO
+        logging.set_verbosity(logging.WARNING)
+    if FLAGS.print_config:
+        if FLAGS.config is None:
+            raise app.UsageError("--print_config needs --config configs/X.py")
+        print(FLAGS.config)
+        return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or not FLAGS.workdir:
@@ -182,12 +193,14 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+    flags.DEFINE_bool(
+        "print_config", False, "Print the resolved config (with the overrides) and exit."
+    )
 
 
 def cli() -> None:
     """The `pgpc-train` command (`python -m pgpc_jax.main`)."""
     define_flags()
-    logging.set_verbosity(logging.INFO)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -1,22 +1,23 @@
-"""Training metrics: a JSONL file, TensorBoard event files (without TensorFlow), a progress line.
+"""Training metrics: a JSONL file, TensorBoard event files, a progress line; progress of long
+loops (evaluation, prediction).
 
 `MetricsLogger(workdir, total_steps, start_step).log(step, metrics)` takes host floats (one
 device fetch per log step in the trainer) and writes
   <workdir>/metrics.jsonl            one JSON object per call: {"step", "wall_time", <metrics>}
                                      (NaN / inf written as null, so every line is strict JSON)
-  <workdir>/tensorboard/events.out.tfevents.<time>.<host>.<ns>   scalar summaries
-and prints `step 1200/40000  loss 0.812  lr 5.8e-05  2.31 steps/s  ETA 4h40m`.
+  <workdir>/tensorboard/events.out.tfevents.*   scalars; `log_images` and `log_text` add the
+                                     evaluation's colour images and its per-class IoU table
+and prints `step 1200/40000  loss 0.812  loss_src 0.31  loss_mix 0.50  2.31 steps/s  ETA 4h40m`
+(the loss and its terms; every metric is in the files).
 
-A resumed run starts at `start_step`: the records of later steps (written by the interrupted
-run after its last checkpoint) are dropped from both files, so no step appears twice. Files are
-written through `etils.epath` (a `gs://` workdir works) and replaced whole at each call (a new
-file, then a rename): a run killed at any moment leaves complete files. Under several processes
-only process 0 writes (`enabled=False` elsewhere).
-
-The event file is TensorFlow's TFRecord framing (length, masked CRC32C, payload, masked CRC32C)
-around hand-encoded `tensorflow.Event` protobufs holding `Summary.Value.simple_value` scalars,
-the format of `tensorflow/core/util/events_writer.cc` and `tensorboardX.event_file_writer`:
-TensorBoard reads it, and `read_events` here reads it back for tests.
+A resumed run starts at `start_step`: the JSONL records of later steps (written by the
+interrupted run after its last checkpoint) are dropped, and the new event file starts with
+TensorBoard's restart marker (`purge_step`), so TensorBoard drops the interrupted run's later
+events: no step appears twice. The JSONL file is written through `etils.epath` and replaced
+whole at each call (a new file, then a rename), so a run killed at any moment leaves a complete
+file. Event files are written with tensorboardX; for a `gs://` workdir they are written to a
+local folder and copied to the workdir after each call. Under several processes only process 0
+writes (`enabled=False` elsewhere).
 """
 
 from __future__ import annotations
@@ -24,164 +25,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import struct
+import re
+import shutil
 import sys
+import tempfile
+import threading
 import time
-from typing import IO, Mapping
+from contextlib import contextmanager
+from typing import IO, Iterable, Iterator, Mapping
 
+import numpy as np
 from etils import epath
-
-# ------------------------------------------------------------------------------------------
-# Event files.
-
-_CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ _CRC32C_POLY if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of `data`, as TFRecord uses."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negatives
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:  # wire type 2: length-delimited
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_event(
-    wall_time: float, step: int, scalars: Mapping[str, float] | None = None, version: str = ""
-) -> bytes:
-    """A serialized `tensorflow.Event` (wall_time=1 double, step=2 int64, file_version=3,
-    summary=5 with `Summary.value`=1: tag=1 string, simple_value=2 float)."""
-    out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-    if version:
-        out += _field_bytes(3, version.encode())
-    if scalars:
-        values = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-            for tag, value in scalars.items()
-        )
-        out += _field_bytes(5, values)
-    return out
-
-
-def _record(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", _masked_crc(header))
-        + data
-        + struct.pack("<I", _masked_crc(data))
-    )
-
-
-def event_header() -> bytes:
-    """The first record of every event file: the file version."""
-    return _record(encode_event(time.time(), 0, version="brain.Event:2"))
-
-
-def scalars_record(step: int, values: Mapping[str, float], wall_time: float | None = None):
-    """One framed event with a scalar per tag (non-finite values are written as they are)."""
-    return _record(encode_event(time.time() if wall_time is None else wall_time, step, values))
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(data: bytes):
-    """Yield (field number, wire type, value) of a serialized protobuf message."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(data, pos)
-        elif wire == 1:
-            value, pos = data[pos : pos + 8], pos + 8
-        elif wire == 2:
-            size, pos = _read_varint(data, pos)
-            value, pos = data[pos : pos + size], pos + size
-        elif wire == 5:
-            value, pos = data[pos : pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
-
-
-def read_events(path: str | os.PathLike) -> list[dict]:
-    """Read an event file back: [{'wall_time', 'step', 'file_version'?, 'scalars': {tag: v}}].
-
-    Checks both CRCs of every record, so a test of this also checks the framing.
-    """
-    return [event for event, _ in _read_records(epath.Path(path).read_bytes(), str(path))]
-
-
-def _read_records(data: bytes, path: str) -> list[tuple[dict, bytes]]:
-    """[(event, its framed record bytes)] of an event file's contents."""
-    events, pos = [], 0
-    while pos < len(data):
-        header = data[pos : pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
-        payload = data[pos + 12 : pos + 12 + length]
-        (payload_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
-        if header_crc != _masked_crc(header) or payload_crc != _masked_crc(payload):
-            raise ValueError(f"{path}: bad CRC in the record at byte {pos}")
-        record = data[pos : pos + 16 + length]
-        pos += 16 + length
-        event = {"scalars": {}}
-        for number, _, value in _fields(payload):
-            if number == 1:
-                event["wall_time"] = struct.unpack("<d", value)[0]
-            elif number == 2:
-                event["step"] = value - (1 << 64) if value >> 63 else value
-            elif number == 3:
-                event["file_version"] = value.decode()
-            elif number == 5:
-                for _, _, summary_value in _fields(value):
-                    parts = {n: v for n, _, v in _fields(summary_value)}
-                    tag = parts[1].decode()
-                    event["scalars"][tag] = struct.unpack("<f", parts[2])[0]
-        events.append((event, record))
-    return events
-
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2 as _event_pb2
+from tensorboardX.proto import summary_pb2 as _summary_pb2
 
 # ------------------------------------------------------------------------------------------
 # Progress line and checks.
@@ -206,21 +64,102 @@ def short_name(key: str) -> str:
     return key[len("train/") :] if key.startswith("train/") else key
 
 
+def _shown(key: str) -> bool:
+    """The progress line's metrics: the loss and its terms, the evaluation's mIoU."""
+    name = short_name(key)
+    return name == "loss" or name.startswith("loss_") or key == "eval/miou"
+
+
 def progress_line(
     step: int, total_steps: int, metrics: Mapping[str, float], steps_per_s: float | None
 ) -> str:
-    """`step 1200/40000  loss 0.812  lr 5.8e-05  2.31 steps/s  ETA 4h40m`.
+    """`step 1200/40000  loss 0.812  loss_src 0.31  2.31 steps/s  ETA 4h40m`.
 
-    Per-class IoUs (`eval/iou/...`) are left out (they are in the table and the files).
+    Only the loss, its terms (`loss_*`) and the evaluation's mIoU are shown; every metric is in
+    the JSONL and TensorBoard files.
     """
     parts = [f"step {step}/{total_steps}"]
     for key, value in metrics.items():
-        if not key.startswith("eval/iou/"):
+        if _shown(key):
             parts.append(f"{short_name(key)} {value:.3g}")
     if steps_per_s is not None and steps_per_s > 0:
         eta = (total_steps - step) / steps_per_s
         parts.append(f"{steps_per_s:.2f} steps/s  ETA {format_duration(eta)}")
     return "  ".join(parts)
+
+
+class Progress:
+    """Progress of a long loop on one line: `evaluating 40/100 images  12.5 images/s  ETA 5s`.
+
+    On a terminal the line is rewritten in place (at most every 0.5 s); in a log file a line is
+    written every `every_s` seconds and at the end, so logs stay short.
+
+    Args:
+      label: what is done, e.g. 'evaluating'.
+      total: the number of items (None: unknown, no ETA).
+      unit: the items' name.
+      stream: where to write (stderr).
+      enabled: False writes nothing (processes other than 0).
+      every_s: seconds between lines when the stream is not a terminal.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int | None,
+        unit: str = "images",
+        stream: IO[str] | None = None,
+        enabled: bool = True,
+        every_s: float = 10.0,
+    ):
+        self.label, self.total, self.unit, self.enabled = label, total, unit, enabled
+        self.done = 0
+        self._stream = stream or sys.stderr
+        self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+        self._every = 0.5 if self._tty else every_s
+        self._start = self._last = time.time()
+
+    def line(self, now: float | None = None, final: bool = False) -> str:
+        elapsed = (time.time() if now is None else now) - self._start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        of = f"/{self.total}" if self.total else ""
+        text = f"{self.label} {self.done}{of} {self.unit}  {rate:.1f} {self.unit}/s"
+        if final:
+            return f"{text}  in {format_duration(elapsed)}"
+        if self.total and rate > 0:
+            text += f"  ETA {format_duration(max(self.total - self.done, 0) / rate)}"
+        return text
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        if self.total:  # padding of the last batch
+            self.done = min(self.done, self.total)
+        now = time.time()
+        if self.enabled and now - self._last >= self._every:
+            self._last = now
+            self._write(self.line(now))
+
+    def close(self) -> None:
+        """The final line (with the total time)."""
+        if self.enabled:
+            self._write(self.line(final=True), end="\n")
+
+    def _write(self, text: str, end: str = "") -> None:
+        if self._tty:
+            self._stream.write(f"\r{text}\033[K{end}")
+        else:
+            self._stream.write(text + "\n")
+        self._stream.flush()
+
+
+def track(items: Iterable, progress: Progress | None, count=lambda item: 1) -> Iterator:
+    """Yield `items`, counting each (by `count(item)`) on `progress` (None: no progress)."""
+    for item in items:
+        yield item
+        if progress is not None:
+            progress.update(count(item))
+    if progress is not None:
+        progress.close()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -260,11 +199,22 @@ def _json_value(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def strict_json(values: Mapping[str, float], indent: int | None = None) -> str:
+    """`values` as strict JSON: NaN and infinities become null (JSON has no NaN)."""
+    return json.dumps(
+        {k: _json_value(v) for k, v in values.items()}, indent=indent, allow_nan=False
+    )
+
+
 def _replace(path: epath.Path, data: bytes) -> None:
     """Write `path` whole: a complete new file renamed over the old one."""
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
 
 
 class MetricsLogger:
@@ -279,7 +229,7 @@ class MetricsLogger:
 
     Attributes:
       jsonl_path: path of the JSONL file.
-      event_path: path of this run's event file (it holds the kept events of earlier runs).
+      logdir: the TensorBoard folder (`<workdir>/tensorboard`).
     """
 
     def __init__(
@@ -295,32 +245,44 @@ class MetricsLogger:
         self._last: tuple[int, float] | None = None  # (step, time) of the previous log
         workdir = epath.Path(workdir)
         self.jsonl_path = workdir / "metrics.jsonl"
-        logdir = workdir / "tensorboard"
-        # TensorBoard's name pattern; the nanoseconds keep two runs of the same second apart.
-        now = time.time_ns()
-        name = f"events.out.tfevents.{now // 10**9:010d}.{socket.gethostname()}.{now % 10**9}"
-        self.event_path = logdir / name
+        self.logdir = workdir / "tensorboard"
         self._lines: list[str] = []
-        self._records: list[bytes] = [event_header()]
+        self._events = self._staging = None
         if not enabled:
             return
-        logdir.mkdir(parents=True, exist_ok=True)
+        self.logdir.mkdir(parents=True, exist_ok=True)
         if self.jsonl_path.exists():
             for line in self.jsonl_path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= start_step:
                     self._lines.append(line)
-        old_files = sorted(p for p in logdir.glob("events.out.tfevents.*") if p != self.event_path)
-        for path in old_files:
-            for event, record in _read_records(path.read_bytes(), str(path)):
-                if "file_version" not in event and event["step"] <= start_step:
-                    self._records.append(record)
-        self._flush()
-        for path in old_files:  # their kept events are in this run's file now
-            path.unlink()
+        _replace(self.jsonl_path, "".join(line + "\n" for line in self._lines).encode())
+        folder = os.fspath(self.logdir)
+        if not _is_local(self.logdir):  # written locally, copied after each call
+            folder = self._staging = tempfile.mkdtemp(prefix="pgpc_jax_tensorboard_")
+        # Written synchronously (tensorboardX's SummaryWriter queues events for a thread): each
+        # call leaves the events in the file. The suffix keeps two runs of one second apart.
+        self._events = EventsWriter(
+            os.path.join(folder, "events"), filename_suffix=f".{time.time_ns() % 10**9}"
+        )
+        if start_step:  # TensorBoard drops the earlier events of the steps after start_step
+            self._write(start_step + 1, session_log=_event_pb2.SessionLog.START)
+            self._flush()
+
+    def _write(self, step: int, summary=None, session_log=None, wall_time=None) -> None:
+        event = _event_pb2.Event(wall_time=time.time() if wall_time is None else wall_time)
+        event.step = int(step)
+        if summary is not None:
+            event.summary.CopyFrom(summary)
+        if session_log is not None:
+            event.session_log.status = session_log
+        self._events.write_event(event)
 
     def _flush(self) -> None:
-        _replace(self.jsonl_path, "".join(line + "\n" for line in self._lines).encode())
-        _replace(self.event_path, b"".join(self._records))
+        self._events.flush()
+        if self._staging is not None:
+            for name in os.listdir(self._staging):
+                with open(os.path.join(self._staging, name), "rb") as f:
+                    (self.logdir / name).write_bytes(f.read())
 
     def log(self, step: int, metrics: Mapping[str, float]) -> str:
         """Record `metrics` (host floats) at `step`; returns the progress line printed.
@@ -341,16 +303,110 @@ class MetricsLogger:
         record = {"step": int(step), "wall_time": now}
         record.update({k: _json_value(v) for k, v in values.items()})
         self._lines.append(json.dumps(record, allow_nan=False))
-        self._records.append(scalars_record(int(step), values, now))
+        _replace(self.jsonl_path, "".join(line + "\n" for line in self._lines).encode())
+        for key, value in values.items():
+            # The Summary proto itself: tensorboardX's `scalar()` warns on NaN, which an
+            # absent class's IoU is.
+            summary = _summary_pb2.Summary(
+                value=[_summary_pb2.Summary.Value(tag=key, simple_value=value)]
+            )
+            self._write(step, summary, wall_time=now)
         self._flush()
         print(line, file=self._stream or sys.stdout, flush=True)
         return line
 
+    def log_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """TensorBoard images: {tag: uint8 [H, W, 3]}."""
+        if self.enabled:
+            for tag, image in images.items():
+                image = np.asarray(image, np.uint8)
+                self._write(step, tb_summary.image(tag, image, dataformats="HWC"))
+            self._flush()
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """TensorBoard text (markdown, e.g. the per-class IoU table)."""
+        if self.enabled:
+            self._write(step, tb_summary.text(tag, text))
+            self._flush()
+
     def close(self) -> None:
-        pass  # every call leaves complete files
+        if self._events is not None:
+            self._flush()
+            self._events.close()
+            self._events = None
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# XLA's compile alarms.
+
+# XLA's C++ logging writes a block like this to stderr when a compilation or a constant folding
+# takes long:
+#   E1207 04:36:08.1 123 slow_operation_alarm.cc:73]
+#   ********************************
+#   [Compiling module jit_step] Very slow compile? If you want to file a bug, run with envvar
+#   XLA_FLAGS=--xla_dump_to=/tmp/foo and attach the results.
+#   ********************************
+# Expected for this model on a CPU: the trainer says what it compiles and how long it took.
+_ALARM_MARKERS = ("slow_operation_alarm", "Very slow compile?", "Constant folding an instruction")
+_LOG_HEADER = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
+_MAX_ALARM_LINES = 60
+
+
+def compile_alarm_filter(lines: Iterable[str]) -> Iterator[str]:
+    """The lines of `lines` that are not part of an XLA slow-operation alarm block."""
+    state, kept_back = None, 0  # None, 'alarm' (inside a block) or 'tail' (after its text)
+    for line in lines:
+        if any(marker in line for marker in _ALARM_MARKERS):
+            state, kept_back = ("tail" if "attach the results" in line else "alarm"), 0
+            continue
+        if state == "alarm":
+            kept_back += 1
+            if _LOG_HEADER.match(line) or kept_back > _MAX_ALARM_LINES:
+                state = None  # another record: not part of the alarm
+            else:
+                if "attach the results" in line:
+                    state = "tail"
+                continue
+        elif state == "tail":
+            state = None
+            if line.strip().startswith("*" * 8):
+                continue
+        yield line
+
+
+@contextmanager
+def without_compile_alarms(enabled: bool = True) -> Iterator[None]:
+    """Drop XLA's slow-operation alarms from stderr while the block runs (a compile); every
+    other line written to file descriptor 2 passes through unchanged."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward():
+        with os.fdopen(read_end, "r", errors="replace", newline="") as pipe:
+            for line in compile_alarm_filter(pipe):
+                os.write(saved, line.encode())
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to the end
+        thread.join(timeout=5)
+        os.close(saved)

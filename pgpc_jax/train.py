@@ -14,6 +14,7 @@ every other file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Any
@@ -208,20 +209,57 @@ def _all_finite(state: TrainState) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _evaluate(config, model, state, datasets, root: epath.Path, step) -> dict[str, float]:
-    result = evaluation.evaluate(
-        model,
-        state.student_variables,
-        iter(datasets["val"]),
+def _quiet() -> bool:
+    """The default: no INFO logs, no XLA compile alarms (`--verbosity=0` shows them)."""
+    return logging.get_verbosity() < logging.INFO
+
+
+def _evaluate(config, model, state, datasets, root: epath.Path, step, logger) -> dict[str, float]:
+    """Evaluate the student on the validation split; log its metrics, the per-class IoU table
+    (as text) and, for a few images, colour predictions next to the labels and the teacher's
+    pseudo-labels (as TensorBoard images; the predictions also as PNG files)."""
+    count, visuals = config.eval.num_visualizations, []
+    settings = dict(
         num_classes=config.model.num_classes,
         mode=config.eval.mode,
         crop_size=tuple(config.eval.crop_size),
         stride=tuple(config.eval.stride),
-        num_visualizations=config.eval.num_visualizations,
-        visualization_dir=str(root / "predictions" / f"step_{step:06d}"),
+        num_visualizations=count,
     )
-    metrics, table = result
+    progress = metrics_logging.Progress(
+        f"evaluating step {step}:", datasets["sizes"]["val"], enabled=jax.process_index() == 0
+    )
+    with metrics_logging.without_compile_alarms(_quiet()):
+        metrics, table = evaluation.evaluate(
+            model,
+            state.student_variables,
+            iter(datasets["val"]),
+            visualization_dir=str(root / "predictions" / f"step_{step:06d}"),
+            visualizations=visuals,
+            progress=progress,
+            **settings,
+        )
     _say(f"evaluation at step {step}:\n{table}")
+    logger.log(step, metrics)
+    logger.log_text(step, "eval/iou_table", evaluation.iou_markdown(metrics))
+    images = {
+        f"eval/prediction_label/{i}": np.concatenate([v["pred"], v["label"]], axis=1)
+        for i, v in enumerate(visuals)
+    }
+    if count and state.teacher_params is not None:
+        # The teacher's prediction on the same images: the pseudo-label it gives them (the
+        # same compiled evaluation, run on the first batches only).
+        batches = -(-count // config.data.val.batch_size)
+        teacher_visuals = []
+        evaluation.evaluate(
+            model,
+            {"params": state.teacher_params, "batch_stats": state.batch_stats},
+            itertools.islice(iter(datasets["val"]), batches),
+            visualizations=teacher_visuals,
+            **settings,
+        )
+        images.update({f"eval/pseudo_label/{i}": v["pred"] for i, v in enumerate(teacher_visuals)})
+    logger.log_images(step, images)
     return metrics
 
 
@@ -236,21 +274,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh = sharding.make_mesh(config.mesh.num_devices or None)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    logging.info(
-        "mesh %s over %d devices (%s)", mesh.shape, mesh.devices.size, jax.devices()[0].device_kind
-    )
+    _say(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].device_kind} devices")
 
     # Data.
     datasets = _datasets(config, mesh)
-    logging.info("datasets: %s", datasets["sizes"])
+    _say("images: " + ", ".join(f"{k} {v}" for k, v in datasets["sizes"].items()))
 
     # Model, optimizer, the state's structure.
     model, optimizer, abstract = abstract_train_state(config)
-    logging.info(
-        "model: MiT-%s + %s head, %.2f M parameters",
-        config.model.backbone,
-        config.model.head,
-        segmentor.count_params(abstract.params) / 1e6,
+    _say(
+        f"model: MiT-{config.model.backbone} + {config.model.head} head, "
+        f"{segmentor.count_params(abstract.params) / 1e6:.2f} M parameters; "
+        f"method {config.method or methods.DEFAULT}, {config.num_train_steps} steps"
     )
 
     # Workdir: the initial weights are read (a fresh run) and a resumed run's checkpoint is
@@ -314,7 +349,14 @@ def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckp
         # Whole batch dicts: a method may use a second view, a frame, or (an oracle) the label.
         src = sharding.global_batch(next(src_iter), mesh)
         tgt = sharding.global_batch(next(tgt_iter), mesh)
-        state, device_metrics = train_step(state, src, tgt)
+        if step == start:  # the first call compiles: say so, instead of XLA's slow-compile alarm
+            _say(f"compiling the step of {config.method or methods.DEFAULT} ...")
+            compile_start = time.time()
+            with metrics_logging.without_compile_alarms(_quiet()):
+                state, device_metrics = train_step(state, src, tgt)
+            _say(f"compiled in {metrics_logging.format_duration(time.time() - compile_start)}")
+        else:
+            state, device_metrics = train_step(state, src, tgt)
         step += 1
         last = step == total
         log_now = step % config.log_every_steps == 0 or last
@@ -335,16 +377,15 @@ def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckp
         # Evaluate before the checkpoint: a run killed while evaluating resumes from an
         # earlier checkpoint and evaluates this step again, so no evaluation is lost.
         if eval_now:
-            metrics = _evaluate(config, model, state, datasets, root, step)
-            logger.log(step, metrics)
+            metrics = _evaluate(config, model, state, datasets, root, step, logger)
             ckpts.save_if_best(step, state, iterators, metrics)
         if save_now:
             ckpts.save(step, state, iterators)
     if not metrics:  # nothing left to train (a finished run re-run): evaluate what is there
-        metrics = _evaluate(config, model, state, datasets, root, step)
+        metrics = _evaluate(config, model, state, datasets, root, step, logger)
     logger.close()
-    logging.info("done in %.1f s", time.time() - timer)
+    _say(f"done: {step - start} steps in {metrics_logging.format_duration(time.time() - timer)}")
     if jax.process_index() == 0:
         final = {k: float(v) for k, v in metrics.items() if np.isscalar(v)}
-        (root / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        (root / "final_metrics.json").write_text(metrics_logging.strict_json(final, indent=2))
     return metrics

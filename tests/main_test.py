@@ -188,6 +188,24 @@ def test_cli_method_argument(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_print_config_prints_the_resolved_config_and_exits(tmp_path):
+    """--print_config: the file's config for its method, with the overrides, and nothing run
+    (no workdir needed)."""
+    r = _cli("--config", "configs/gta2cs.py:daformer", "--config.seed=7", "--print_config")
+    assert r.returncode == 0, r.stderr
+    printed = yaml_like(r.stdout)
+    assert printed["method"] == "daformer" and printed["seed"] == "7"
+    assert "pgpc:" not in r.stdout  # daformer's config has no pgpc group
+    assert "data:" in r.stdout and "data_dir:" in r.stdout
+
+
+def yaml_like(text: str) -> dict[str, str]:
+    """The top-level `key: value` lines of a printed ConfigDict."""
+    return dict(
+        line.split(": ", 1) for line in text.splitlines() if ": " in line and line[0] != " "
+    )
+
+
 def test_cli_incomplete_multi_process_settings(tmp_path):
     r = _cli(
         "--config",

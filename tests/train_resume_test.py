@@ -11,6 +11,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import tb_events
 from tiny_run import build_tiny_data, final_state
 from tiny_run import tiny_config as _config
 
@@ -36,6 +37,22 @@ def straight_run(data_dir, tmp_path_factory):
     return workdir, state, positions
 
 
+def test_tensorboard_gets_the_evaluation_images_and_iou_table(straight_run):
+    """The evaluation's colour predictions next to the labels, the teacher's pseudo-labels on
+    the same images, and the per-class IoU table, as TensorBoard reads them."""
+    board = tb_events.load(os.path.join(straight_run[0], "tensorboard"))
+    tags = board.Tags()
+    assert "eval/prediction_label/0" in tags["images"] and "eval/pseudo_label/0" in tags["images"]
+    prediction = board.Images("eval/prediction_label/0")[-1]
+    pseudo = board.Images("eval/pseudo_label/0")[-1]
+    assert prediction.step == pseudo.step == 4
+    assert prediction.width == 2 * pseudo.width and prediction.height == pseudo.height
+    (table,) = board.Tensors("eval/iou_table/text_summary")
+    assert b"| mIoU |" in table.tensor_proto.string_val[0]
+    final = json.loads(open(os.path.join(straight_run[0], "final_metrics.json")).read())
+    assert final["eval/miou"] == pytest.approx(board.Scalars("eval/miou")[-1].value)
+
+
 def _assert_same_state(a, b):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
@@ -46,12 +63,11 @@ def _assert_same_state(a, b):
 
 
 def _logged_steps(workdir):
-    """Steps of the training records in metrics.jsonl and in the (single) event file."""
+    """Steps of the training records in metrics.jsonl and in TensorBoard (as it reads them)."""
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    (name,) = os.listdir(os.path.join(workdir, "tensorboard"))
-    events = metrics_logging.read_events(os.path.join(workdir, "tensorboard", name))
     jsonl = [r["step"] for r in rows if "train/loss" in r]
-    tensorboard = [e["step"] for e in events if "train/loss" in e["scalars"]]
+    scalars = tb_events.scalars(os.path.join(workdir, "tensorboard"))
+    tensorboard = [step for step, _ in scalars["train/loss"]]
     return jsonl, tensorboard, rows
 
 
