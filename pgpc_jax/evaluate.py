@@ -59,7 +59,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from data_pipelines import labels as label_table
-from pgpc_jax import checkpointing, evaluation, predict, weights
+from pgpc_jax import checkpointing, evaluation, metrics_logging, predict, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.models.layers import resize_bilinear
 from pgpc_jax.torch_names import ConversionError
@@ -422,6 +422,7 @@ def main(argv: list[str]) -> None:
             stride=stride,
             num_visualizations=num_vis,
             visualization_dir=os.path.join(FLAGS.out, "predictions") if FLAGS.out else None,
+            progress=metrics_logging.Progress("evaluating", len(pairs)),
         )
         seconds = time.time() - start
         if official:
