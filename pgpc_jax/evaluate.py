@@ -61,7 +61,6 @@ from PIL import Image
 from data_pipelines import labels as label_table
 from pgpc_jax import checkpointing, evaluation, metrics_logging, predict, weights
 from pgpc_jax.cli import parse_flags
-from pgpc_jax.models.layers import resize_bilinear
 from pgpc_jax.torch_names import ConversionError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -141,24 +140,17 @@ def load_label(path: str) -> np.ndarray:
     return label
 
 
-@functools.lru_cache(maxsize=4)
-def _resizer(size_hw: tuple[int, int]):
-    return jax.jit(lambda x: resize_bilinear(x, size_hw))
-
-
 def iterate_batches(
     pairs: Sequence[tuple[str, str]], batch_size: int, resize: tuple[int, int] | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches {'image': float32 [B, h, w, 3] normalised (resized to `resize` (W, H) if given),
-    'label': int32 [B, H, W] at the original size}."""
+    """Batches {'image': float32 [B, h, w, 3] normalised (resized to `resize` (W, H) if given,
+    on the uint8 image as the trainer's validation pipeline does), 'label': int32 [B, H, W] at
+    the original size}."""
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         images, labels = [], []
         for image_path, label_path in chunk:
-            image = predict.normalize(predict.load_image(image_path))[None]  # [1, H, W, 3]
-            if resize is not None:
-                image = np.asarray(_resizer((resize[1], resize[0]))(image))
-            images.append(image[0])
+            images.append(predict.network_input(predict.load_image(image_path), resize))
             labels.append(load_label(label_path).astype(np.int32))
         if len({x.shape for x in labels}) > 1:
             names = ", ".join(p for p, _ in chunk)

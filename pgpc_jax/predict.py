@@ -19,6 +19,7 @@ image optionally resized to --resize W,H, one forward pass, stride-4 logits upsa
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from data_pipelines import labels as label_table
+from data_pipelines import transforms
 from pgpc_jax import checkpointing, convert, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.models import segmentor
@@ -63,8 +65,9 @@ def load_image(path: str) -> np.ndarray:
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB [..., 3] -> float32 normalised as DAFormer."""
-    return (image.astype(np.float32) - MEAN) / STD
+    """uint8 RGB [..., 3] -> float32 normalised as DAFormer (the trainer's own normalisation,
+    so a prediction sees what the run's evaluation saw)."""
+    return transforms.normalize(image)
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -80,23 +83,30 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def make_predictor(model: segmentor.Segmentor, resize: tuple[int, int] | None = None):
-    """jit-compiled (variables, normalised image [H, W, 3]) -> logits [H, W, K] at the image size.
+def make_predictor(model: segmentor.Segmentor):
+    """jit-compiled (variables, normalised image [h, w, 3], output size (H, W) or None) ->
+    logits [H, W, K], bilinearly upsampled from the network's stride-4 output (mmseg's
+    `rescale=True`; None: at the image's own size)."""
 
-    With `resize` (W, H) the image is first resized bilinearly without antialiasing, as mmcv's
-    cv2 `imresize` does (done in float, so without cv2's uint8 rounding).
-    """
+    @functools.partial(jax.jit, static_argnums=2)
+    def predict(variables, image, size):
+        logits = segmentor.predict_logits(model, variables, image[None])  # at the input size
+        return resize_bilinear(logits, size)[0]
 
-    @jax.jit
-    def predict(variables, image):
-        size = image.shape[:2]
-        x = image[None]
-        if resize is not None:
-            x = resize_bilinear(x, (resize[1], resize[0]))
-        logits = segmentor.predict_logits(model, variables, x)  # at the network input size
-        return resize_bilinear(logits, size)[0]  # mmseg `rescale=True`
+    def run(variables, image, size=None):
+        size = tuple(int(v) for v in (size or image.shape[:2]))
+        return np.asarray(predict(variables, jnp.asarray(image), size), np.float32)
 
-    return lambda variables, image: np.asarray(predict(variables, jnp.asarray(image)), np.float32)
+    return run
+
+
+def network_input(image: np.ndarray, resize: tuple[int, int] | None = None) -> np.ndarray:
+    """The normalised network input of a uint8 [H, W, 3] image: resized to `resize` (W, H)
+    first, bilinearly on the uint8 image and rounded, as mmcv's cv2 `imresize` in DAFormer's
+    test pipeline (and the trainer's validation pipeline) does."""
+    if resize is not None:
+        image = transforms.resize_image(image, resize[0], resize[1])
+    return normalize(image)
 
 
 def predict_files(
@@ -114,13 +124,13 @@ def predict_files(
     for path in images:  # fail before any work on an image that cannot be read
         load_image(path)
     os.makedirs(out_dir, exist_ok=True)
-    predict = make_predictor(model, resize)
+    predict = make_predictor(model)
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)
     written, start = [], time.time()
     for i, path in enumerate(images, 1):
         image = load_image(path)
-        logits = predict(variables, normalize(image))
+        logits = predict(variables, network_input(image, resize), image.shape[:2])
         train_ids = np.argmax(logits, axis=-1).astype(np.uint8)
         stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
         Image.fromarray(train_ids).save(f"{stem}_trainids.png")

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import tiny
+from data_pipelines import pipeline
 from pgpc_jax import checkpointing, evaluate, evaluation
 from pgpc_jax.models.segmentor import build_segmentor, init_variables
 
@@ -164,3 +165,21 @@ def test_cityscapes_names_and_missing_ground_truth(tmp_path):
     gt.write_bytes(b"")
     files = evaluate.cityscapes_files(pairs, str(tmp_path / "images"), str(tmp_path / "gt"), "out")
     assert files == [(str(gt), os.path.join("out", "city", "ulm_000001_000019_pred_labelIds.png"))]
+
+
+def test_resized_inputs_are_the_validation_pipelines(tmp_path):
+    """`--resize` gives the network exactly what a run's own evaluation gives it (the uint8
+    image resized and rounded, then normalised, as DAFormer's test pipeline), so an exported
+    run evaluates to the run's own mIoU."""
+    _dataset(tmp_path, [(48, 64)] * 2)
+    pairs = evaluate.find_pairs(
+        str(tmp_path / "images"), str(tmp_path / "labels"), "_leftImg8bit.png", "_gt.png"
+    )
+    batches = list(evaluate.iterate_batches(pairs, 2, (40, 30)))
+    source = [
+        {"image": np.asarray(Image.open(i)), "label": np.asarray(Image.open(label))}
+        for i, label in pairs
+    ]
+    (expected,) = list(pipeline.val_dataset(source, batch_size=2, scale=(40, 30)))
+    np.testing.assert_array_equal(batches[0]["image"], expected["image"])
+    np.testing.assert_array_equal(batches[0]["label"], expected["label"])

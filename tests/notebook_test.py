@@ -89,6 +89,12 @@ def test_the_notebook_runs_end_to_end(tmp_path, monkeypatch):
     progress = rf"step {STEPS}/{STEPS}\s+loss \S+.*steps/s\s+ETA"
     assert re.search(progress, train_text), train_text[-2000:]
     assert f"evaluation at step {STEPS}" in train_text
+    # Quiet by default: the trainer's own lines, no library INFO logs (orbax logs each
+    # checkpoint action at INFO) and no XLA slow-compile alarm, the compile said in one line.
+    assert re.search(r"compiling the step of pgpc \.\.\.\ncompiled in \d", train_text)
+    info_lines = [line for line in train_text.splitlines() if re.match(r"I\d{4} ", line)]
+    assert not info_lines, info_lines[:5]
+    assert "orbax" not in train_text and "Very slow compile" not in train_text
     assert _images(_cell(nb, "metrics.jsonl")) == 1
     assert _images(_cell(nb, "_pred.png")) == 1
     state_dict = torch.load(work / "pgpc_synthetic.pth", weights_only=True)["state_dict"]
