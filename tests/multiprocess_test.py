@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices on localhost, as a TPU pod slice or a multi-node GPU job runs
-(`python -m pgpc_jax.main --coordinator_address ... --num_processes 2 --process_id i`), against
+(`launch/local_processes.sh 2`, which starts `python -m pgpc_jax.main --coordinator_address ...
+--num_processes 2 --process_id i`), against
 one process x 8 devices: the same losses step by step, the same final state and evaluation, each
 process's data position saved as its own, one set of log files; and a checkpoint written by the
 two processes resumes to the same state."""
@@ -7,16 +8,16 @@ two processes resumes to the same state."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+import tb_events
 from tiny_run import build_tiny_data, final_state, tiny_config
 
-from pgpc_jax import metrics_logging, train
+from pgpc_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH = 4, 8  # a global batch of 8: one image per device
@@ -42,59 +43,39 @@ def _config_file(tmp_path, data_dir) -> str:
     return str(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(config_file: str, workdir: str) -> list[str]:
-    """Run `python -m pgpc_jax.main` as 2 processes of 4 CPU devices; returns their stdouts."""
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        # No persistent compilation cache: JAX writes it from process 0 only, and its entry
-        # does not serve process 1, so process 0 would start the step half a minute ahead and
-        # process 1's CPU collectives (gloo) would time out waiting. Both compile, in step.
-        "JAX_ENABLE_COMPILATION_CACHE": "false",
-    }
-    address = f"localhost:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pgpc_jax.main",
-                "--config",
-                config_file,
-                "--workdir",
-                workdir,
-                "--coordinator_address",
-                address,
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-            ],  # fmt: skip
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"process failed:\n{out[-3000:]}\n{err[-6000:]}"
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            proc.kill()
-    return outputs
+def _two_processes(config_file: str, workdir: str, log_dir) -> list[str]:
+    """Run `launch/local_processes.sh 2` (2 processes of `python -m pgpc_jax.main` with 4 CPU
+    devices each, as a user rehearses a multi-process run); returns the processes' outputs:
+    process 0's is the script's stdout, process 1's its log file. The script also turns the
+    persistent compilation cache off (its comment says why)."""
+    result = subprocess.run(
+        [
+            "bash",
+            os.path.join(ROOT, "launch", "local_processes.sh"),
+            "2",
+            "--devices_per_process",
+            "4",
+            "--log_dir",
+            str(log_dir),
+            "--",
+            "--config",
+            config_file,
+            "--workdir",
+            workdir,
+        ],  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log_1 = log_dir / "process_1.log"
+    others = log_1.read_text() if log_1.exists() else ""
+    assert result.returncode == 0, (
+        f"processes failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}\n"
+        f"process 1:\n{others[-3000:]}"
+    )
+    return [result.stdout, others]
 
 
 def _losses(workdir):
@@ -119,7 +100,7 @@ def _assert_close_states(a, b, exact: bool):
 def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
     config_file = _config_file(tmp_path, data_dir)
-    outputs = _two_processes(config_file, double)
+    outputs = _two_processes(config_file, double, tmp_path / "logs_double")
     # Only process 0 reports (the progress lines and the evaluation table).
     assert "evaluation at step 4" in outputs[0] and "step 4/4" in outputs[0]
     assert "evaluation at step" not in outputs[1] and "step 4/4" not in outputs[1]
@@ -143,14 +124,13 @@ def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
 
     # One set of log files, written by process 0 alone.
     assert sorted(os.listdir(double)) == sorted(os.listdir(single))
-    assert len(os.listdir(os.path.join(double, "tensorboard"))) == 1
-    (events,) = os.listdir(os.path.join(double, "tensorboard"))
-    steps = [
-        e["step"]
-        for e in metrics_logging.read_events(os.path.join(double, "tensorboard", events))
-        if "train/loss" in e["scalars"]
-    ]
-    assert steps == [1, 2, 3, 4]
+    events_1 = os.listdir(os.path.join(single, "tensorboard"))
+    assert len(os.listdir(os.path.join(double, "tensorboard"))) == len(events_1)
+    scalars = tb_events.scalars(os.path.join(double, "tensorboard"))
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(
+        [losses_2[step]["train/loss"] for step in (1, 2, 3, 4)], rel=1e-6
+    )
     # Each process saved its own data position.
     for name in ("source", "target"):
         saved = os.listdir(os.path.join(double, "checkpoints", "4", f"data_{name}"))
@@ -163,7 +143,7 @@ def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
     shutil.copytree(double, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
     shutil.rmtree(os.path.join(resumed, "best"))
-    outputs = _two_processes(config_file, resumed)
+    outputs = _two_processes(config_file, resumed, tmp_path / "logs_resumed")
     assert "at step 2" in outputs[0]
     state_3, positions_3 = final_state(resumed)
     _assert_close_states(state_2, state_3, exact=True)
@@ -173,3 +153,6 @@ def test_two_processes_equal_one_and_resume(data_dir, tmp_path):
     assert {s: r["train/loss"] for s, r in losses_3.items()} == {
         s: r["train/loss"] for s, r in losses_2.items()
     }
+    # TensorBoard shows each step once: the restart's steps replace the interrupted run's.
+    resumed_scalars = tb_events.scalars(os.path.join(resumed, "tensorboard"))
+    assert resumed_scalars["train/loss"] == scalars["train/loss"]
