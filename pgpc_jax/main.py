@@ -9,7 +9,9 @@ Several processes (a TPU pod slice, SLURM, several GPU hosts, or N CPU processes
 run the same command. The cluster is found from the environment on TPU pods and under SLURM
 (`srun`); anywhere else each process is told with `--coordinator_address host:port
 --num_processes N --process_id i` (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID). The workdir may be a `gs://` path.
+JAX_PROCESS_ID). The workdir may be a `gs://` path. `launch/` has the scripts that start it on
+a TPU pod slice (`tpu_pod.sh`), under SLURM (`slurm.sbatch`), on one GPU host (`multi_gpu.sh`) and
+as N local CPU processes (`local_processes.sh`), and the Colab notebook (`colab.ipynb`).
 
 Output: the devices, the datasets, the model, "compiling the step ..." and its time, then a
 progress line per log step (step, loss and its terms, steps/s, ETA), the evaluation's progress
