@@ -26,7 +26,7 @@
 #                          HEAD commit, which must be pushed)
 #   --python PY            the workers' Python 3.11 ($PGPC_REMOTE_PYTHON, default python3.11,
 #                          installed with apt-get when absent); the packages of requirements.txt
-#                          and jax[tpu] go into the virtual environment ~/pgpc_jax_venv
+#                          with jax[tpu] and gcsfs (gs:// paths) go into the venv ~/pgpc_jax_venv
 #   --data_dir gs://...    where the datasets are ($PGPC_DATA_DIR); also passed to main as
 #                          --config.data.data_dir. Without it the config's data_dir is used and
 #                          nothing is built
@@ -227,7 +227,7 @@ NOT_RUNNING="if [ -s $PIDFILE ] && kill -0 \"\$(cat $PIDFILE)\" 2>/dev/null; the
 echo \"error: a run is still going on \$(hostname) (pid \$(cat $PIDFILE)): stream it with launch/tpu_pod.sh --logs, or end it with launch/tpu_pod.sh --stop\" >&2; exit 3; fi"
 SETUP="command -v $REMOTE_PYTHON >/dev/null && $REMOTE_PYTHON -c 'import ensurepip' 2>/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq $REMOTE_PYTHON $REMOTE_PYTHON-venv; }; \
 [ -x $VENV/bin/python ] || $REMOTE_PYTHON -m venv $VENV; \
-$VENV/bin/pip install -q --disable-pip-version-check -r $CODE/requirements.txt 'jax[tpu]'"
+$VENV/bin/pip install -q --disable-pip-version-check -r $CODE/requirements.txt 'jax[tpu]==0.10.2' 'gcsfs>=2024.2'"
 if [ "$INSTALL" = local ]; then
   TARBALL="${TMPDIR:-/tmp}/pgpc_jax_code.tar.gz"
   # The files git tracks or would track (not .venv, runs/, data/ or caches).
