@@ -1,3 +1,5 @@
-"""Self-training building blocks of the DAFormer step: EMA teacher and pseudo-labels
+"""Self-training building blocks: the DAFormer step's EMA teacher and pseudo-labels
 (`teacher`), DACS ClassMix with colour jitter and blur (`mixing`), ImageNet feature distance
-(`feature_distance`). All functions are pure, jittable and use static shapes."""
+(`feature_distance`), the step's pieces as methods compose them (`dacs`); SePiCo's source
+statistics and memory bank (`sepico_stats`) and class-balanced crop (`class_balanced_crop`).
+All functions are pure, jittable and use static shapes."""
