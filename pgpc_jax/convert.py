@@ -7,19 +7,26 @@
   # Flax weights directory -> PyTorch
   python -m pgpc_jax.convert to-torch --src weights/daformer_gta --format daformer --out daformer_gta.pth
   python -m pgpc_jax.convert to-torch --src weights/segformer --format hf --out hf_segformer/
+  # SePiCo's released checkpoints, with their projection head; and back into SePiCo's layout
+  python -m pgpc_jax.convert to-flax --src sepico_distcl_gta2city_daformer.pth --format sepico \
+      --config configs/gta2cs.py --out weights/sepico_gta
+  python -m pgpc_jax.convert to-torch --src weights/sepico_gta --format sepico --out sepico_gta.pth
 
 Formats (see `torch_names.py`): `mit` (NVlabs mit_b*.pth), `mmseg` (mmseg >= 0.17 MiT keys),
 `hf` (HF SegFormer file or folder: `.safetensors` or `.bin`), `daformer` (DAFormer / HRDA-style
 `state_dict` with `model.` / `ema_model.` / `imnet_model.` prefixes, or bare `backbone.*`,
-`decode_head.*`). Every problem (not a checkpoint, missing / unexpected keys, shape mismatches)
-is reported before anything is written.
+`decode_head.*`), `sepico` (SePiCo's checkpoints: `daformer`'s layout whose one projection head
+is `auxiliary_head.convs.*`, the auxiliary head `projection` here). Every problem (not a
+checkpoint, missing / unexpected keys, shape mismatches) is reported before anything is written.
 
 Auxiliary heads (a method's extra heads, `auxiliary_head.<name>.*` as mmseg names them): to-torch
 writes the segmentor alone by default, as the originals evaluate it; `--auxiliary_heads=keep`
-keeps them (`--format daformer` only: `mit`, `mmseg` and `hf` cannot hold them, and say so).
-to-flax ignores a checkpoint's `auxiliary_head.*` tensors with a note, or with
-`--auxiliary_heads=keep` carries them into the weights directory, where a model built with those
-heads reads them (`weights.load_model(..., auxiliary_heads=...)`).
+keeps them (`--format daformer`, and `sepico` for its projection head: `mit`, `mmseg` and `hf`
+cannot hold them, and say so). to-flax ignores a checkpoint's `auxiliary_head.*` tensors with a
+note, or with `--auxiliary_heads=keep` carries them into the weights directory, where a model
+built with those heads reads them (`weights.load_model(..., auxiliary_heads=...)`). For
+`--format sepico` the default is keep, both ways: the projection head is what that layout adds
+(a SePiCo file without it reads as the segmentor alone, with a note).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pgpc_jax import checkpointing
@@ -42,11 +49,14 @@ from pgpc_jax.torch_names import (
     AUXILIARY_FORMATS,
     AUXILIARY_OPTIONS,
     FORMATS,
+    SEPICO_HEAD,
+    WHICH_FORMATS,
     ConversionError,
     auxiliary_head_name,
     auxiliary_to_variables,
     canonical_to_variables,
     check_against,
+    has_sepico_head,
     split_auxiliary,
     variables_to_canonical,
 )
@@ -314,9 +324,34 @@ def to_flax(
         raise ConversionError(f"--format={fmt!r}: expected one of {sorted(FORMATS)}")
     state = read_state(src, unsafe_pickle)
     to_canonical = FORMATS[fmt][0]
-    canonical = to_canonical(state, which) if fmt == "daformer" else to_canonical(state)
+    canonical = to_canonical(state, which) if fmt in WHICH_FORMATS else to_canonical(state)
     model = segmentor.build_segmentor(model_cfg, auxiliary_heads)
-    return fit_canonical(canonical, model, src, missing_auxiliary, extra_auxiliary, note)
+    if fmt == "sepico" and not has_sepico_head(canonical):
+        wanted = SEPICO_HEAD in dict(model.auxiliary_heads)
+        if wanted and missing_auxiliary == "error":
+            raise ConversionError(
+                f"{src} has no SePiCo projection head (no auxiliary_head.* key): use a SePiCo "
+                "checkpoint that holds it, or start the head from its initialisation "
+                "(missing_auxiliary='init')"
+            )
+        if not wanted:
+            note(
+                f"{src} has no SePiCo projection head (no auxiliary_head.* key): the segmentor "
+                "alone is read"
+            )
+    try:
+        return fit_canonical(canonical, model, src, missing_auxiliary, extra_auxiliary, note)
+    except ConversionError as e:
+        if fmt == "daformer" and any(k.startswith(_SEPICO_KEYS) for k in canonical):
+            raise ConversionError(
+                f"{e}; its auxiliary_head.convs.* keys are SePiCo's projection head: read it "
+                "with --format sepico"
+            ) from e
+        raise
+
+
+# SePiCo's projection head as a `daformer` reader sees it (two heads `convs_0`, `convs_1`).
+_SEPICO_KEYS = "auxiliary_head.convs."
 
 
 _NO_AUXILIARY = {  # why a format cannot hold auxiliary heads
@@ -326,9 +361,18 @@ _NO_AUXILIARY = {  # why a format cannot hold auxiliary heads
 }
 
 
-def check_auxiliary_option(fmt: str, auxiliary_heads: str) -> None:
-    """Fail (one line) where `--auxiliary_heads` is not drop / keep, or keep asks a format that
-    cannot hold auxiliary heads ('flax', a weights directory, holds any variables)."""
+def default_auxiliary(fmt: str) -> str:
+    """`--auxiliary_heads` left unset: keep for `sepico` (its layout is the segmentor with its
+    projection head), drop for the others (the segmentor alone, as the originals evaluate it)."""
+    return "keep" if fmt == "sepico" else "drop"
+
+
+def check_auxiliary_option(fmt: str, auxiliary_heads: str | None) -> None:
+    """Fail (one line) where `--auxiliary_heads` is not drop / keep (or None, the format's
+    default), or keep asks a format that cannot hold auxiliary heads ('flax', a weights
+    directory, holds any variables)."""
+    if auxiliary_heads is None:
+        return
     if auxiliary_heads not in AUXILIARY_OPTIONS:
         raise ConversionError(
             f"--auxiliary_heads={auxiliary_heads!r}: expected one of {AUXILIARY_OPTIONS}"
@@ -336,7 +380,8 @@ def check_auxiliary_option(fmt: str, auxiliary_heads: str) -> None:
     if auxiliary_heads == "keep" and fmt not in (*AUXILIARY_FORMATS, "flax"):
         raise ConversionError(
             f"--auxiliary_heads=keep: --format {fmt} ({_NO_AUXILIARY.get(fmt, fmt)}) cannot hold "
-            "auxiliary heads; keep them with --format daformer, or leave them out (drop)"
+            "auxiliary heads; keep them with --format daformer (or sepico, for SePiCo's projection "
+            "head), or leave them out (drop)"
         )
 
 
@@ -359,12 +404,16 @@ def auxiliary_note(variables: Mapping, fmt: str, auxiliary_heads: str) -> list[s
     return [f"note: left out the {_heads(names)}, as the originals evaluate without them{hint}"]
 
 
-def from_flax(variables: Mapping, fmt: str, auxiliary_heads: str = "drop") -> State:
+def from_flax(variables: Mapping, fmt: str, auxiliary_heads: str | None = "drop") -> State:
     """Flax variables -> a state dict in format `fmt` (numpy): the segmentor, and with
-    `auxiliary_heads='keep'` the auxiliary heads (`auxiliary_head.<name>.*`, daformer only)."""
+    `auxiliary_heads='keep'` the auxiliary heads (daformer: `auxiliary_head.<name>.*`; sepico:
+    the head `projection` as `auxiliary_head.*`, another head is an error). None: the format's
+    default (`default_auxiliary`)."""
     if fmt not in FORMATS:
         raise ConversionError(f"--format={fmt!r}: expected one of {sorted(FORMATS)}")
     check_auxiliary_option(fmt, auxiliary_heads)
+    if auxiliary_heads is None:
+        auxiliary_heads = default_auxiliary(fmt)
     canonical = variables_to_canonical(variables)
     if auxiliary_heads == "drop":
         canonical, _ = split_auxiliary(canonical)
@@ -421,7 +470,8 @@ def define_flags() -> None:
         "which",
         "model",
         ["model", "ema_model", "imnet_model"],
-        "DAFormer sub-model to read: the student (as DAFormer evaluates), the EMA teacher, or the ImageNet copy.",
+        "DAFormer / SePiCo sub-model to read: the student (as DAFormer evaluates), the EMA "
+        "teacher, or DAFormer's ImageNet copy.",
     )
     flags.DEFINE_string(
         "out",
@@ -435,12 +485,13 @@ def define_flags() -> None:
     )
     flags.DEFINE_enum(
         "auxiliary_heads",
-        "drop",
+        None,
         list(AUXILIARY_OPTIONS),
         "A method's auxiliary heads (auxiliary_head.*). to-torch: drop writes the segmentor alone "
-        "(as the originals evaluate it), keep writes them too (--format daformer only). to-flax: "
-        "drop ignores the checkpoint's auxiliary_head.* tensors (a note), keep carries them into "
-        "the weights directory.",
+        "(as the originals evaluate it), keep writes them too (--format daformer, or sepico for "
+        "its projection head). to-flax: drop ignores the checkpoint's auxiliary_head.* tensors "
+        "(a note), keep carries them into the weights directory. Default: keep for sepico, drop "
+        "otherwise.",
     )
     flags.DEFINE_bool(
         "unsafe_pickle",
@@ -473,7 +524,7 @@ def _run(argv: list[str]) -> None:
             model_cfg,
             FLAGS.which,
             FLAGS.unsafe_pickle,
-            extra_auxiliary=FLAGS.auxiliary_heads,
+            extra_auxiliary=FLAGS.auxiliary_heads or default_auxiliary(FLAGS.format),
         )
         meta = {
             "source": os.path.abspath(FLAGS.src),
@@ -491,23 +542,31 @@ def _run(argv: list[str]) -> None:
                 "initialisation (an encoder-only checkpoint, e.g. ImageNet MiT)"
             )
         return
-    check_auxiliary_option(FLAGS.format, FLAGS.auxiliary_heads)
+    auxiliary_heads = FLAGS.auxiliary_heads or default_auxiliary(FLAGS.format)
+    check_auxiliary_option(FLAGS.format, auxiliary_heads)
     variables, model_cfg, meta = load_weights_dir(FLAGS.src)
-    state = from_flax(variables, FLAGS.format, FLAGS.auxiliary_heads)
+    state = from_flax(variables, FLAGS.format, auxiliary_heads)
     classes, palette = class_table(meta.get("classes", "cityscapes"))
     if FLAGS.format == "hf":
         write_hf(FLAGS.out, state, model_cfg, classes)
     else:
-        wrap = (
-            {"CLASSES": tuple(classes), "PALETTE": palette} if FLAGS.format == "daformer" else None
-        )
+        mmcv = FLAGS.format in WHICH_FORMATS  # DAFormer / SePiCo: mmcv's {'state_dict', 'meta'}
+        wrap = {"CLASSES": tuple(classes), "PALETTE": palette} if mmcv else None
         write_torch(FLAGS.out, state, wrap, FLAGS.legacy_serialization)
     print(f"wrote {FLAGS.out} ({len(state)} tensors, format {FLAGS.format})")
-    for line in auxiliary_note(variables, FLAGS.format, FLAGS.auxiliary_heads):
+    for line in auxiliary_note(variables, FLAGS.format, auxiliary_heads):
         print(line)
+    if FLAGS.format == "sepico" and auxiliary_heads == "keep":
+        if SEPICO_HEAD not in auxiliary_head_names(variables):
+            print(
+                f"note: {FLAGS.src} has no projection head ({AUXILIARY}/{SEPICO_HEAD}): wrote the "
+                "segmentor alone"
+            )
 
 
 def main(argv: list[str]) -> None:
+    if not FLAGS["verbosity"].present:  # orbax logs every step of a checkpoint read at INFO
+        logging.set_verbosity(logging.WARNING)
     try:
         _run(argv)
     except (ConversionError, checkpointing.CheckpointError) as e:

@@ -13,13 +13,17 @@ canonical dict, written both ways so that a round trip reproduces each tensor bi
 * `hf`: HF transformers SegFormer with the legacy names that `save_pretrained` and the hub use
   (`segformer.encoder.*`, `decode_head.linear_c.*`), k and v split; transformers-5 in-memory names
   (`segformer.stages.*`) are accepted on input;
-* `daformer`: the canonical names under a `model.` / `ema_model.` / `imnet_model.` prefix.
+* `daformer`: the canonical names under a `model.` / `ema_model.` / `imnet_model.` prefix;
+* `sepico`: SePiCo's checkpoints (BIT-DA/SePiCo, an `EncoderDecoderProjector` inside the
+  `SePiCo` UDA module): `daformer`'s names, with its single projection head stored without a
+  name level, `auxiliary_head.convs.{0,1}.conv.weight`, `auxiliary_head.convs.{0,1}.bn.*`;
+  here it is the auxiliary head `projection` (`SEPICO_HEAD`).
 
 A method's auxiliary heads (`models/segmentor.py`, Flax `auxiliary_head/<name>/...`) follow the
 same rule: `auxiliary_head.<name>.<module path>.<leaf>`, mmseg's `auxiliary_head.*` with one
-level per head. Only `daformer` (and a Flax weights directory) can hold them; `mit`, `mmseg` and
-`hf` are an encoder or a SegFormer, so writers drop them unless asked to keep them
-(`AUXILIARY_OPTIONS`), and a format that cannot keep them says so.
+level per head. Only `daformer`, `sepico` (its projection head only) and a Flax weights
+directory can hold them; `mit`, `mmseg` and `hf` are an encoder or a SegFormer, so writers drop
+them unless asked to keep them (`AUXILIARY_OPTIONS`), and a format that cannot keep them says so.
 
 Everything here is numpy; reading and writing files lives in `convert.py`.
 """
@@ -50,7 +54,10 @@ AUXILIARY = "auxiliary_head"
 AUXILIARY_OPTIONS = ("drop", "keep")
 MISSING_AUXILIARY = ("error", "init")
 # The formats that can hold `auxiliary_head.*` keys; the others are an encoder or a SegFormer.
-AUXILIARY_FORMATS = ("daformer",)
+AUXILIARY_FORMATS = ("daformer", "sepico")
+# The auxiliary head that SePiCo's checkpoints hold (as `auxiliary_head.*`, no name level): the
+# projection head (`models.heads.ProjectionHead`), under this name in a model.
+SEPICO_HEAD = "projection"
 
 
 class ConversionError(ValueError):
@@ -507,10 +514,11 @@ def hf_from_canonical(state: Mapping) -> State:
 DAFORMER_MODELS = ("model", "ema_model", "imnet_model")
 
 
-def daformer_to_canonical(state: Mapping, which: str = "model") -> State:
+def daformer_to_canonical(state: Mapping, which: str = "model", family: str = "DAFormer") -> State:
     """DAFormer-family state dict -> canonical, choosing one of the student (`model.`, what the
     original evaluation uses), the EMA teacher (`ema_model.`) or the ImageNet copy (`imnet_model.`).
     A state dict with bare `backbone.*` / `decode_head.*` keys (an mmseg EncoderDecoder) is taken as is.
+    `family` names the checkpoint in errors.
     """
     if which not in DAFORMER_MODELS:
         raise ConversionError(f"--which={which!r}: expected one of {DAFORMER_MODELS}")
@@ -520,7 +528,7 @@ def daformer_to_canonical(state: Mapping, which: str = "model") -> State:
         return dict(state)
     if which not in prefixes:
         raise ConversionError(
-            f"this DAFormer checkpoint holds {prefixes}, not {which!r}: choose --which from those"
+            f"this {family} checkpoint holds {prefixes}, not {which!r}: choose --which from those"
         )
     return _strip(state, which + ".")
 
@@ -529,9 +537,50 @@ def daformer_from_canonical(state: Mapping) -> State:
     return _prefixed(state, "model.")
 
 
+def has_sepico_head(state: Mapping) -> bool:
+    """Whether a state dict (SePiCo's without its `model.` prefix, or canonical) holds an
+    `auxiliary_head.*` key: for a SePiCo checkpoint, its projection head."""
+    return any(k.startswith(AUXILIARY + ".") for k in state)
+
+
+def sepico_to_canonical(state: Mapping, which: str = "model") -> State:
+    """SePiCo checkpoint -> canonical: `daformer_to_canonical` (SePiCo's training checkpoints
+    hold the student as `model.` and the EMA teacher as `ema_model.`; there is no ImageNet copy),
+    then its `auxiliary_head.<module path>` is the head `SEPICO_HEAD`."""
+    out: State = {}
+    head = auxiliary_prefix(SEPICO_HEAD)
+    for key, value in daformer_to_canonical(state, which, "SePiCo").items():
+        if key.startswith(AUXILIARY + "."):
+            key = head + key[len(AUXILIARY) + 1 :]
+        out[key] = value
+    return out
+
+
+def sepico_from_canonical(state: Mapping) -> State:
+    """Canonical -> SePiCo's layout under `model.`: the head `SEPICO_HEAD` as `auxiliary_head.*`.
+    Any other auxiliary head has no place there (SePiCo's segmentor holds one) and is an error."""
+    others = sorted({auxiliary_head_name(k) for k in state} - {None, SEPICO_HEAD})
+    if others:
+        raise ConversionError(
+            f"--format sepico holds one auxiliary head, the projection head {SEPICO_HEAD!r}; "
+            f"these variables also have {others}: use --format daformer, which keeps each "
+            "head under its name, or leave the heads out (--auxiliary_heads=drop)"
+        )
+    head = auxiliary_prefix(SEPICO_HEAD)
+    out: State = {}
+    for key, value in state.items():
+        if key.startswith(head):
+            key = f"{AUXILIARY}.{key[len(head) :]}"
+        out[f"model.{key}"] = value
+    return out
+
+
 FORMATS: dict[str, tuple[Callable[..., State], Callable[[Mapping], State]]] = {
     "mit": (mit_to_canonical, mit_from_canonical),
     "mmseg": (mmseg_to_canonical, mmseg_from_canonical),
     "hf": (hf_to_canonical, hf_from_canonical),
     "daformer": (daformer_to_canonical, daformer_from_canonical),
+    "sepico": (sepico_to_canonical, sepico_from_canonical),
 }
+# The formats whose readers take `which` (the sub-model of a UDA checkpoint).
+WHICH_FORMATS = ("daformer", "sepico")

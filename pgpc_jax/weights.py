@@ -11,11 +11,13 @@ Sources (`--weights` / `--weights-format` of `predict` and `evaluate`, `init_fro
   run        a training run of `python -m pgpc_jax.main`: RUN (its latest checkpoint), RUN/best (the
              best one), RUN/checkpoints/<N> (step N) or RUN/best/<N>. A path of that shape is read
              as a run when the format is left at `flax`.
-  mit, mmseg, hf, daformer   PyTorch / HF checkpoints, converted on the fly (`convert.to_flax`)
+  mit, mmseg, hf, daformer, sepico   PyTorch / HF checkpoints, converted on the fly
+             (`convert.to_flax`); sepico is SePiCo's layout, whose projection head is the
+             auxiliary head `projection`
 
 `which` picks the network, with DAFormer's names: 'model' the student (the default; what
 DAFormer's tools/test.py evaluates), 'ema_model' the EMA teacher (a run's `teacher_params`, or
-`ema_model.*` of a DAFormer checkpoint), 'imnet_model' DAFormer's ImageNet copy (DAFormer
+`ema_model.*` of a DAFormer or SePiCo checkpoint), 'imnet_model' DAFormer's ImageNet copy (DAFormer
 checkpoints only). A run's teacher has no BatchNorm running statistics of its own: DAFormer's
 teacher runs BatchNorm in train mode (batch statistics), so a run's teacher is paired with the
 student's running statistics, the only ones the run keeps (a note is printed).
@@ -317,6 +319,6 @@ def define_flags() -> None:
         "which",
         "model",
         list(WHICH),
-        "Network: the student ('model'), the EMA teacher ('ema_model': runs and DAFormer "
+        "Network: the student ('model'), the EMA teacher ('ema_model': runs, DAFormer and SePiCo "
         "checkpoints) or DAFormer's ImageNet copy ('imnet_model').",
     )

@@ -1,4 +1,4 @@
-"""Decode heads: the SegFormer all-MLP head and the DAFormer head.
+"""Decode heads (the SegFormer all-MLP head, the DAFormer head) and SePiCo's projection head.
 
 Both take the four encoder features (NHWC, strides 4..32) and return logits at the stride-4
 resolution. Submodule names follow the mmseg / DAFormer PyTorch state dicts (a list index `.2`
@@ -11,6 +11,8 @@ becomes `_2`), so the converter maps them mechanically:
   embeddings to `embed_dim`, bilinear resize to the stride-4 size, concatenation [c1, c2, c3, c4],
   depthwise-separable ASPP (dilations 1, 6, 12, 18; the dilation-1 branch is a plain 1x1
   ConvModule), a 3x3 bottleneck ConvModule, channel dropout 0.1 and a 1x1 classifier `conv_seg`.
+* `ProjectionHead` (SePiCo `proj_head.py: ProjHead` as configured for MiT): an auxiliary head
+  that maps the encoder features to unit-norm pixel embeddings; `convs.{0,1}.{conv,bn}`.
 """
 
 from __future__ import annotations
@@ -176,3 +178,60 @@ class DAFormerHead(nn.Module):
         x = ASPPWrapper(self.channels, tuple(self.dilations), name="fuse_layer", **kw)(x, train)
         x = Dropout2d(self.dropout_rate)(x, deterministic=not dropout)
         return _classifier(self.num_classes, "conv_seg", **kw)(x)
+
+
+class ProjectionHead(nn.Module):
+    """SePiCo's projection head on the encoder features: features -> [B, H/4, W/4, channels].
+
+    As SePiCo's `ProjHead` with `input_transform='resize_concat'`, `in_index=[0, 1, 2, 3]`,
+    `num_convs=2`, `kernel_size=1` (its MiT configuration): the four stages resized bilinearly to
+    the first stage's size and concatenated (C_in = sum of the stage widths, 1024 for MiT-b5),
+    then two mmcv ConvModules (1x1 conv without bias, BatchNorm, ReLU), C_in -> C_in // 4 ->
+    `channels`, then L2 normalisation over channels (`F.normalize`, eps 1e-12). The configured
+    channel dropout is never applied in SePiCo's forward, so there is none here. Being
+    ReLU-activated, the embeddings are non-negative.
+
+    Called as an auxiliary head, `head(features, train)`; its torch names are
+    `convs.{0,1}.conv.weight` and `convs.{0,1}.bn.*`, SePiCo's own.
+
+    Attributes:
+      channels: embedding width (512 in every released SePiCo experiment).
+      mid_channels: width of the first ConvModule; None for C_in // (number of stages), SePiCo's
+        `mid_channels = in_channels // len(in_index)`.
+      align_corners: of the bilinear resize (False, as SePiCo's config).
+      epsilon: floor of the L2 norm (`F.normalize`'s 1e-12).
+    """
+
+    channels: int = 512
+    mid_channels: int | None = None
+    align_corners: bool = False
+    epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array], train: bool = False) -> jax.Array:
+        """features: the encoder stages [B, H/s, W/s, C_s]; `train`: BatchNorm on batch statistics.
+
+        Returns float32 [B, H/4, W/4, channels] of unit L2 norm per pixel.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        size = features[0].shape[1:3]
+        x = jnp.concatenate(
+            [resize_bilinear(f, size, self.align_corners) for f in features], axis=-1
+        )
+        mid = self.mid_channels or x.shape[-1] // len(features)
+        x = ConvModule(mid, 1, name="convs_0", **kw)(x, train)
+        x = ConvModule(self.channels, 1, name="convs_1", **kw)(x, train)
+        return l2_normalize(x.astype(jnp.float32), self.epsilon)
+
+
+def l2_normalize(x: jax.Array, epsilon: float = 1e-12) -> jax.Array:
+    """`torch.nn.functional.normalize(x, p=2, dim=-1)`: x / max(||x||_2, epsilon).
+
+    The floor is taken on the squared norm, so that an all-zero vector (a pixel whose ReLU
+    outputs are all 0) has the finite gradient 1 / epsilon that torch gives it, where
+    `sqrt` at 0 would give NaN.
+    """
+    squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared, epsilon * epsilon))
