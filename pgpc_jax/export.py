@@ -21,6 +21,8 @@ student (default, what DAFormer reports) or the EMA teacher. Formats:
   hf        an HF `SegformerForSemanticSegmentation` folder (SegFormer-head runs only: HF has no
             DAFormer head)
   mit       the encoder alone, NVlabs mit_b*.pth keys
+  sepico    a SePiCo checkpoint .pth: as daformer, with the projection head as SePiCo names it
+            (`model.auxiliary_head.*`, kept by default); `convert to-flax --format sepico` reads it
 
 A method's auxiliary heads (`auxiliary_head/<name>`, e.g. a projection head) are left out by
 default, as the originals evaluate the segmentor alone (a note names them);
@@ -47,7 +49,8 @@ from pgpc_jax import checkpointing, convert, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.torch_names import AUXILIARY_OPTIONS, ConversionError, variables_to_canonical
 
-FORMATS = ("flax", "daformer", "hf", "mit")
+FORMATS = ("flax", "daformer", "hf", "mit", "sepico")
+MMCV_FORMATS = ("daformer", "sepico")  # mmcv checkpoints with `model.` and `ema_model.`
 # CLI name -> DAFormer's name of the network (`weights.WHICH`).
 WHICH = {"student": "model", "teacher": "ema_model"}
 DIRECTORY_FORMATS = ("flax", "hf")  # --out is a folder; else a file
@@ -93,20 +96,20 @@ def export_run(
     best: bool = False,
     which: str = "student",
     legacy_serialization: bool = False,
-    auxiliary_heads: str = "drop",
+    auxiliary_heads: str | None = None,
 ) -> list[str]:
     """Read one checkpoint of a run and write its network in format `fmt` to `out`.
 
     Args:
       workdir: the run directory (config.json, checkpoints/, best/).
       fmt: one of FORMATS.
-      out: the file (daformer, mit) or folder (flax, hf) to write.
+      out: the file (daformer, sepico, mit) or folder (flax, hf) to write.
       step: a step of checkpoints/; None for the latest (with `best`, the best checkpoint).
       best: read best/.
       which: 'student' or 'teacher'.
-      legacy_serialization: daformer / mit: PyTorch's pre-1.6 non-zip format.
-      auxiliary_heads: 'drop' (the segmentor alone) or 'keep' (flax, daformer: the method's
-        auxiliary heads too).
+      legacy_serialization: daformer / sepico / mit: PyTorch's pre-1.6 non-zip format.
+      auxiliary_heads: 'drop' (the segmentor alone), 'keep' (flax, daformer, sepico: the
+        method's auxiliary heads too) or None (the format's default: keep for sepico, else drop).
 
     Returns:
       The lines to print: what was written, and notes.
@@ -121,6 +124,8 @@ def export_run(
             "--step N the checkpoint of step N in checkpoints/"
         )
     convert.check_auxiliary_option(fmt, auxiliary_heads)
+    if auxiliary_heads is None:
+        auxiliary_heads = convert.default_auxiliary(fmt)
     check_out(out, fmt)
     found = weights.find_run(workdir)
     if found is not None and found.root != checkpointing.run_path(workdir):
@@ -160,20 +165,21 @@ def export_run(
                 variables = convert.without_auxiliary(variables)
             checkpointing.save_variables(out, variables, model_cfg, meta)
             count, what = len(variables_to_canonical(variables)), "Flax weights directory of the"
-        elif fmt == "daformer":
-            # DAFormer's training checkpoints hold the student as `model.` and the teacher as
-            # `ema_model.`; its tools/test.py evaluates `model.`, so --which teacher puts the
-            # teacher there.
-            state_dict = convert.from_flax(variables, "daformer", auxiliary_heads)
+        elif fmt in MMCV_FORMATS:
+            # DAFormer's (and SePiCo's) training checkpoints hold the student as `model.` and
+            # the teacher as `ema_model.`; their tools/test.py evaluates `model.`, so --which
+            # teacher puts the teacher there.
+            state_dict = convert.from_flax(variables, fmt, auxiliary_heads)
             if teacher is not None:
-                teacher_dict = convert.from_flax(teacher, "daformer", auxiliary_heads)
+                teacher_dict = convert.from_flax(teacher, fmt, auxiliary_heads)
                 state_dict.update({f"ema_{k}": v for k, v in teacher_dict.items()})
             meta = {"CLASSES": tuple(classes), "PALETTE": palette, "iter": step}
             meta["pgpc_jax"] = {"source": source, "model": which}
             if teacher is not None:
                 meta["pgpc_jax"]["ema_model"] = "teacher"
             convert.write_torch(out, state_dict, meta, legacy_serialization)
-            count, what = len(state_dict), "DAFormer checkpoint, model. ="
+            name = {"daformer": "DAFormer", "sepico": "SePiCo"}[fmt]
+            count, what = len(state_dict), f"{name} checkpoint, model. ="
         elif fmt == "hf":
             hf_state = convert.from_flax(variables, "hf")
             convert.write_hf(out, hf_state, model_cfg, classes)
@@ -184,7 +190,7 @@ def export_run(
             count, what = len(mit_state), "MiT encoder (NVlabs mit_b*.pth keys) of the"
     except OSError as e:  # a full disk, a path that vanished: what check_out cannot foresee
         raise ExportError(f"cannot write --out={out}: {e}") from e
-    with_teacher = fmt == "daformer" and teacher is not None
+    with_teacher = fmt in MMCV_FORMATS and teacher is not None
     who = f"{which}, ema_model. = teacher" if with_teacher else which
     lines = [f"wrote {out}: {what} {who}, {count} tensors, step {step} ({source})"]
     if which == "teacher" or with_teacher:
@@ -204,18 +210,21 @@ def define_flags() -> None:
         "which", "student", list(WHICH), "The student (what DAFormer reports) or the EMA teacher."
     )
     flags.DEFINE_enum("format", None, list(FORMATS), "Output format.")
-    flags.DEFINE_string("out", None, "Output: a .pth file (daformer, mit) or a folder (flax, hf).")
+    flags.DEFINE_string(
+        "out", None, "Output: a .pth file (daformer, sepico, mit) or a folder (flax, hf)."
+    )
     flags.DEFINE_bool(
         "legacy_serialization",
         False,
-        "daformer / mit: the pre-1.6 non-zip format for old PyTorch readers (DAFormer's torch 1.7).",
+        "daformer / sepico / mit: the pre-1.6 non-zip format for old PyTorch readers (torch 1.7).",
     )
     flags.DEFINE_enum(
         "auxiliary_heads",
-        "drop",
+        None,
         list(AUXILIARY_OPTIONS),
         "A method's auxiliary heads: drop exports the segmentor alone (as the originals evaluate "
-        "it), keep exports them too (flax, daformer as auxiliary_head.*; not hf or mit).",
+        "it; the default, except sepico), keep exports them too (flax; daformer as "
+        "auxiliary_head.<name>.*; sepico as auxiliary_head.*, its default; not hf or mit).",
     )
 
 
@@ -229,7 +238,7 @@ def main(argv: list[str]) -> None:
         if missing:
             raise ExportError(
                 f"{', '.join(missing)} required (usage: python -m pgpc_jax.export "
-                "--workdir RUN --format flax|daformer|hf|mit --out PATH)"
+                "--workdir RUN --format flax|daformer|sepico|hf|mit --out PATH)"
             )
         lines = export_run(
             FLAGS.workdir,

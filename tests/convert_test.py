@@ -264,7 +264,7 @@ def test_not_a_checkpoint_and_unknown_format(tmp_path):
         convert.to_flax(str(text), "mit", _tiny_cfg())
     with pytest.raises(
         ConversionError,
-        match=r"--format='onnx': expected one of \['daformer', 'hf', 'mit', 'mmseg'\]",
+        match=r"--format='onnx': expected one of \['daformer', 'hf', 'mit', 'mmseg', 'sepico'\]",
     ):
         convert.to_flax(str(text), "onnx", _tiny_cfg())
     with pytest.raises(ConversionError, match="no such file"):
