@@ -135,10 +135,21 @@ def abstract_train_state(config: ml_collections.ConfigDict):
 
 
 def initial_variables(config, model) -> dict:
-    """Random initialisation, or `config.init_from` (e.g. ImageNet MiT, any converter format);
-    a method's auxiliary heads start from their random initialisation unless the file has them."""
+    """Random initialisation, or `config.init_from` (e.g. ImageNet MiT, any converter format).
+    A method's auxiliary heads start from their random initialisation, except from a SePiCo
+    checkpoint (`init_from.format='sepico'`), whose projection head the run continues: there a
+    file without it stops with one line."""
     if not config.init_from.path:
         return segmentor.init_variables(model, jax.random.key(config.seed))
+    if config.init_from.format == "sepico" and model.auxiliary_heads:
+        _, variables = predict.load_model(
+            config.model,
+            config.init_from.path,
+            "sepico",
+            config.init_from.which,
+            auxiliary_heads=dict(model.auxiliary_heads),
+        )
+        return variables
     _, variables = predict.load_model(
         config.model, config.init_from.path, config.init_from.format, config.init_from.which
     )

@@ -305,3 +305,23 @@ def test_cli_keeps_the_projection_head_by_default_both_ways(tmp_path):
     assert "kept its auxiliary head 'projection' (12 tensors) beside the segmentor" in r.stderr
     _, loaded = weights.load_model(_cfg(), back, auxiliary_heads=HEADS)
     _assert_same(loaded, variables)
+
+
+def test_training_from_a_sepico_checkpoint_continues_its_head(tmp_path):
+    """`init_from.format='sepico'`: the run starts from the file's projection head (not a fresh
+    one); a file without the head stops with the one line above."""
+    from pgpc_jax import train
+
+    config = tiny.get_config()
+    config.init_from.format = "sepico"
+    model = build_segmentor(_cfg(), HEADS)
+    with_head = _save_as_mmcv(tmp_path / "with.pth", _released_state_dict(seed=2))
+    config.init_from.path = with_head
+    variables = train.initial_variables(config, model)
+    expected, _ = convert.to_flax(with_head, "sepico", _cfg(), auxiliary_heads=HEADS)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    no_head = _save_as_mmcv(tmp_path / "without.pth", _released_state_dict(seed=2, with_head=False))
+    config.init_from.path = no_head
+    with pytest.raises(ConversionError, match="has no SePiCo projection head"):
+        train.initial_variables(config, model)
