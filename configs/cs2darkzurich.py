@@ -31,4 +31,11 @@ def benchmark_config():
 
 
 def get_config(method: str | None = None):
+    if method == "sepico":
+        # SePiCo's Cityscapes -> Dark Zurich runs use its day-night variant (paired daytime
+        # images, day/night probability mixing, class weights), which is not implemented.
+        raise ValueError(
+            "configs/cs2darkzurich.py:sepico: SePiCo's day-night variant (sepico_dark) is not "
+            "implemented yet; use sepico on configs/gta2cs.py, synthia2cs.py or synthetic.py"
+        )
     return gta2cs.with_method(benchmark_config(), method)

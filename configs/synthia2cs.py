@@ -5,6 +5,11 @@ the 16 classes SYNTHIA shares with Cityscapes (mIoU16) and the usual 13.
 
   python -m pgpc_jax.main --config configs/synthia2cs.py --workdir runs/synthia2cs
   python -m pgpc_jax.main --config configs/synthia2cs.py:daformer --workdir runs/synthia2cs_daformer
+  python -m pgpc_jax.main --config configs/synthia2cs.py:sepico --workdir runs/synthia2cs_sepico
+
+SePiCo released no SYNTHIA config either (only GTA -> Cityscapes and Cityscapes -> Dark Zurich,
+although the paper reports SYNTHIA): `:sepico` is its released GTA setting (40k iterations, seed
+76, 640x640 source crops, the whole 1280x640 target) on SYNTHIA at 1280x760.
 """
 
 from configs import gta2cs

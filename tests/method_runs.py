@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "method_runs.json")
-RUNS = ("source_only", "daformer", "pgpc", "pgpc_cluda")
+RUNS = ("source_only", "daformer", "pgpc", "pgpc_cluda", "sepico")
 STEPS = 5
 
 
@@ -44,6 +44,14 @@ def run_config(name: str):
         config.pgpc.num_negatives = 32
         config.pgpc.num_unreliable = 16
         config.pgpc.reliable_threshold = 0.3
+    if config.method == "sepico":
+        # The contrastive terms from step 2 of 5; a narrow projection; BankCL with a bank of 3
+        # that wraps within the 5 steps (the resume and sharding invariants then cover it).
+        # The target batches have the source's size: the class-balanced crop keeps the image.
+        config.sepico.start_step = 2
+        config.sepico.channels = 16
+        config.sepico.variant = "bank"
+        config.sepico.bank_length = 3
     return config
 
 

@@ -14,7 +14,11 @@ from pgpc_jax.train_step import make_train_step
 from tests import method_runs
 
 
-@pytest.mark.parametrize("name", sorted(methods.METHODS))
+# SePiCo is left out to save a compile in CI: its state is float32 whatever the compute dtype
+# (`uda/sepico_stats.py: update_stats` casts the embeddings to float32 and keeps the dtypes of
+# `init_stats`), and its bfloat16 forwards are those of the heads tested here and in
+# tests/projection_head_test.py.
+@pytest.mark.parametrize("name", sorted(set(methods.METHODS) - {"sepico"}))
 def test_bfloat16_compute_keeps_float32_state(name):
     """`model.dtype='bfloat16'`: the step runs in bf16; parameters, optimizer state, teacher and
     method state stay float32, and the first step's losses are close to the float32 step's (the

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pgpc_jax.methods import daformer, pgpc, source_only
+from pgpc_jax.methods import daformer, pgpc, sepico, source_only
 from pgpc_jax.models import segmentor
 
 METHODS: dict[str, ModuleType] = {
     "source_only": source_only,
     "daformer": daformer,
     "pgpc": pgpc,
+    "sepico": sepico,
 }
 DEFAULT = "pgpc"
 
