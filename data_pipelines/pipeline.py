@@ -6,6 +6,9 @@ and returns a batched `grain.MapDataset` of static-shape numpy dicts
     image  float32 [B, h, w, 3] normalised as DAFormer (or uint8 with normalize=False, so the
            normalisation can run on device: `(x - labels.IMAGENET_MEAN) / labels.IMAGENET_STD`)
     label  int32 [B, h, w] train ids, 255 = ignore
+plus, for each of the training pipelines' `paired_keys` (e.g. `day_image`, the day image paired
+with a Dark Zurich night image), that image put through the same resize, crop box, flip and
+normalisation as `image` (float32 or uint8 [B, h, w, 3]).
 B is the per-process batch; the global batch is G = B * P over P processes. The training
 pipelines define one global stream of examples whose element i depends only on (seed, i); global
 batch n is stream elements n*G .. n*G + G - 1, and process p reads its block of B of them (rows
@@ -50,10 +53,32 @@ def _finish(image: np.ndarray, label: np.ndarray, normalize: bool) -> dict:
 class _CropSample:
     """Resize, crop (with cat_max_ratio and the RCS crop rule), flip, normalise one example."""
 
-    def __init__(self, scale, crop_size, cat_max_ratio, flip_prob, normalize, rcs_config=None):
+    def __init__(
+        self, scale, crop_size, cat_max_ratio, flip_prob, normalize, rcs_config=None, paired_keys=()
+    ):
         self.scale, self.crop_size = scale, tuple(crop_size)
         self.cat_max_ratio, self.flip_prob = cat_max_ratio, flip_prob
         self.normalize, self.rcs_config = normalize, rcs_config
+        self.paired_keys = tuple(paired_keys)
+
+    def paired(self, example: dict, key: str, shape, box, flip: bool) -> np.ndarray:
+        """`example[key]` resized, cropped at `box`, flipped and normalised as the image was."""
+        if key not in example:
+            raise ValueError(
+                f"example {example.get('name', '')!r} has no {key!r} (keys: {sorted(example)}); "
+                "give the pipeline a source whose examples carry it, e.g. "
+                "dark_zurich.open_day_night_pairs for day_image"
+            )
+        other, _ = transforms.rescale(example[key], None, self.scale)
+        if other.shape[:2] != tuple(shape):
+            raise ValueError(
+                f"example {example.get('name', '')!r}: {key} is {other.shape[1]}x{other.shape[0]} "
+                f"after resizing but its image is {shape[1]}x{shape[0]}; both must match"
+            )
+        other, _ = transforms.crop_and_pad(other, np.zeros(shape, np.uint8), box, self.crop_size)
+        if flip:
+            other = other[:, ::-1]
+        return transforms.normalize(other) if self.normalize else np.ascontiguousarray(other)
 
     def crop(self, example: dict, rng: np.random.Generator, rare_class: int | None = None) -> dict:
         image = example["image"]
@@ -77,9 +102,13 @@ class _CropSample:
                     rng, label, shape, self.crop_size, self.cat_max_ratio
                 )
         image, label = transforms.crop_and_pad(image, label, box, self.crop_size)
-        if rng.random() < self.flip_prob:  # mmseg RandomFlip: flip if U(0, 1) < prob.
+        flip = rng.random() < self.flip_prob  # mmseg RandomFlip: flip if U(0, 1) < prob.
+        if flip:
             image, label = transforms.hflip(image, label)
-        return _finish(image, label, self.normalize)
+        out = _finish(image, label, self.normalize)
+        for key in self.paired_keys:
+            out[key] = self.paired(example, key, shape, box, flip)
+        return out
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
         return self.crop(example, rng)
@@ -140,6 +169,7 @@ def source_dataset(
     process_index: int = 0,
     process_count: int = 1,
     normalize: bool = True,
+    paired_keys: Sequence[str] = (),
 ) -> grain.MapDataset:
     """The endless source-domain pipeline.
 
@@ -158,12 +188,15 @@ def source_dataset(
       process_index: this process's index p.
       process_count: number of processes P.
       normalize: float32 normalised images, or uint8 when False.
+      paired_keys: further image keys of each example (same size as `image`) that get exactly
+        the image's resize, crop box, flip and normalisation, e.g. ('day_image',).
 
     Returns:
-      Batched MapDataset: image [B, h, w, 3], label int32 [B, h, w].
+      Batched MapDataset: image [B, h, w, 3], label int32 [B, h, w], and each paired key
+      [B, h, w, 3].
     """
     _check_process(process_index, process_count)
-    cropper = _CropSample(scale, crop_size, cat_max_ratio, flip_prob, normalize, rcs)
+    cropper = _CropSample(scale, crop_size, cat_max_ratio, flip_prob, normalize, rcs, paired_keys)
     if rcs is None:
         stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
         stream = stream.random_map(cropper, seed=seed)
@@ -190,6 +223,7 @@ def target_dataset(
     process_index: int = 0,
     process_count: int = 1,
     normalize: bool = True,
+    paired_keys: Sequence[str] = (),
 ) -> grain.MapDataset:
     """The endless target-domain pipeline: uniform shuffled images, resize, crop, flip.
 
@@ -204,9 +238,12 @@ def target_dataset(
       process_index: this process's index p.
       process_count: number of processes P.
       normalize: float32 normalised images, or uint8 when False.
+      paired_keys: further image keys transformed exactly as `image`, e.g. ('day_image',) with
+        `dark_zurich.open_day_night_pairs` as the source (SePiCo's night variant).
 
     Returns:
-      Batched MapDataset: image [B, h, w, 3], label int32 [B, h, w].
+      Batched MapDataset: image [B, h, w, 3], label int32 [B, h, w], and each paired key
+      [B, h, w, 3].
     """
     return source_dataset(
         source,
@@ -220,6 +257,7 @@ def target_dataset(
         process_index=process_index,
         process_count=process_count,
         normalize=normalize,
+        paired_keys=paired_keys,
     )
 
 
