@@ -125,3 +125,23 @@ def test_reweight_test_probs(shape):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     w = np.linspace(0.5, 1.5, 19, dtype=np.float32)
     np.testing.assert_allclose(day_night.reweight_test_probs(probs, w), probs * w, rtol=1e-6)
+
+
+def test_pixel_class_weights_give_torch_class_weighted_cross_entropy():
+    from pgpc_jax.losses.segmentation import cross_entropy
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 4, 6, 19)).astype(np.float32)
+    labels = rng.integers(0, 19, (2, 4, 6)).astype(np.int32)
+    labels[0, 0, :3] = 255
+    w = np.asarray(day_night.class_weights())
+    pixel = np.asarray(day_night.pixel_class_weights(labels, w))
+    np.testing.assert_array_equal(pixel[0, 0, :3], 1.0)
+    np.testing.assert_allclose(pixel[1], w[labels[1]], rtol=0)
+    # Per pixel w[y] * nll, ignored pixels 0, mean over all B*H*W (mmseg's reduction).
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    safe = np.where(labels == 255, 0, labels)
+    nll = -np.take_along_axis(log_p, safe[..., None], -1)[..., 0] * (labels != 255)
+    want = (nll * w[safe]).mean()
+    got = cross_entropy(logits, labels, day_night.pixel_class_weights(labels, w))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)

@@ -12,7 +12,8 @@ The class weights come from 19 class frequencies `f` hard-coded in the released 
 `w = (mean(log f) - log f) / std(log f) * strength + 1`, std with Bessel's correction (torch's
 default). Strength 0.05 is used for the pseudo-label mix and as the cross-entropy class weights of
 the decode head during training; 0.16 is the strength noted in the released configuration for
-test-time reweighting of the predictions.
+test-time reweighting of the predictions. `pixel_class_weights` turns the weights into the pixel
+weights of `losses.segmentation.cross_entropy` (torch's class-weighted cross-entropy).
 
 All functions are pure jnp, take NHWC arrays with the class axis last, and are jit-able.
 """
@@ -134,3 +135,26 @@ def reweight_test_probs(
     if weights is None:
         weights = class_weights(strength=strength)
     return probs * jnp.asarray(weights, probs.dtype)
+
+
+def pixel_class_weights(
+    labels: jnp.ndarray, weights: jnp.ndarray, ignore_index: int = 255
+) -> jnp.ndarray:
+    """Per-pixel weights `weights[label]` for a class-weighted cross-entropy.
+
+    torch's `F.cross_entropy(weight=w, reduction='none')` (the decode head's loss with SePiCo's
+    class weights) multiplies each pixel's loss by `w[label]` without renormalising; so
+    `losses.segmentation.cross_entropy(logits, labels, pixel_weight * pixel_class_weights(...))`
+    is that loss. Ignored pixels get 1 (their loss is 0 anyway).
+
+    Args:
+      labels: int [B, H, W] train ids.
+      weights: float [C] class weights (`class_weights()`).
+      ignore_index: the ignored label.
+
+    Returns:
+      float32 [B, H, W].
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    valid = labels != ignore_index
+    return jnp.where(valid, weights[jnp.where(valid, labels, 0)], 1.0)
