@@ -1,5 +1,6 @@
 """Self-training building blocks: the DAFormer step's EMA teacher and pseudo-labels
 (`teacher`), DACS ClassMix with colour jitter and blur (`mixing`), ImageNet feature distance
 (`feature_distance`), the step's pieces as methods compose them (`dacs`); SePiCo's source
-statistics and memory bank (`sepico_stats`) and class-balanced crop (`class_balanced_crop`).
+statistics and memory bank (`sepico_stats`), class-balanced crop (`class_balanced_crop`) and
+day-night pseudo-label mixing and class weights (`day_night`).
 All functions are pure, jittable and use static shapes."""
