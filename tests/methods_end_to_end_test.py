@@ -11,6 +11,8 @@ from configs import tiny
 from pgpc_jax import export, main
 
 
+# SePiCo is left out to save a compile in CI: the command runs the same generic step, whose
+# SePiCo invariants (resume, sharding, one trace) are in tests/methods_test.py.
 @pytest.mark.parametrize("method", ["source_only", "daformer"])
 def test_the_other_methods_run_end_to_end(method, tmp_path, capsys):
     """`python -m pgpc_jax.main --config configs/synthetic.py:<method>` on the tiny embedded
