@@ -69,6 +69,9 @@ def get_data_config() -> ml_collections.ConfigDict:
             crop_size=(512, 512),
             scale=(1024, 512),
             flip_prob=0.5,
+            # Each night image with its paired day image as `day_image`, resized, cropped and
+            # flipped with it (Dark Zurich's train_night split; SePiCo's day-night variant).
+            paired_day=False,
         )
     )
     # Target validation: whole images at the test scale, labels at full resolution.

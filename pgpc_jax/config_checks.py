@@ -126,6 +126,16 @@ def check_config(config: Any) -> None:
         _pair(data[name].crop_size, f"data.{name}.crop_size")
         _finite(data[name].flip_prob, f"data.{name}.flip_prob")
 
+    target = data.target
+    if target.get("paired_day", False) and (
+        not str(target.dataset).startswith("dark_zurich/") or target.split != "train_night"
+    ):
+        raise ConfigError(
+            f"data.target.paired_day=True: only Dark Zurich's train_night split has paired day "
+            f"images, not data.target.dataset={target.dataset!r} split={target.split!r}; use "
+            "dataset 'dark_zurich/<config>' with split 'train_night', or paired_day=False"
+        )
+
     _choice(config.eval.mode, "eval.mode", evaluation.MODES)
     _pair(config.eval.crop_size, "eval.crop_size")
     _pair(config.eval.stride, "eval.stride")

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from data_pipelines import pipeline, sources, transforms
+from data_pipelines import dark_zurich, pipeline, sources, transforms
 from data_pipelines.rcs import RcsConfig
 from pgpc_jax import checkpointing, evaluation, methods, metrics_logging, optim, predict, sharding
 from pgpc_jax.config_checks import ConfigError, check_config
@@ -49,6 +49,19 @@ def _open_split(data_dir: str, name: str, group, with_label: bool = True):
         raise ConfigError(f"data.{name}.split={group.split!r}: {e}") from e
     except sources.DatasetNotBuiltError as e:
         raise ConfigError(f"data.{name}.dataset={group.dataset!r}: {e}") from e
+
+
+def _open_day_night(data_dir: str, group):
+    """Dark Zurich's night training images with their paired day images (`data.target.paired_day`),
+    with errors that name the config key."""
+    try:
+        return dark_zurich.open_day_night_pairs(data_dir, group.dataset)
+    except sources.UnknownSplitError as e:
+        raise ConfigError(f"data.target.paired_day=True: {e}") from e
+    except sources.DatasetNotBuiltError as e:
+        raise ConfigError(f"data.target.dataset={group.dataset!r}: {e}") from e
+    except dark_zurich.MissingCorrespondenceError as e:
+        raise ConfigError(f"data.target.paired_day=True: {e}") from e
 
 
 def _check_crop(source, name: str, group) -> None:
@@ -76,7 +89,11 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     src = _open_split(data.data_dir, "source", src_cfg)
-    tgt = _open_split(data.data_dir, "target", tgt_cfg, with_label=False)
+    paired_day = bool(tgt_cfg.get("paired_day", False))
+    if paired_day:
+        tgt = _open_day_night(data.data_dir, tgt_cfg)
+    else:
+        tgt = _open_split(data.data_dir, "target", tgt_cfg, with_label=False)
     val = _open_split(data.data_dir, "val", val_cfg)
     _check_crop(src, "source", src_cfg)
     _check_crop(tgt, "target", tgt_cfg)
@@ -111,6 +128,7 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
             scale=tuple(tgt_cfg.scale) if tgt_cfg.scale else None,
             flip_prob=tgt_cfg.flip_prob,
             seed=config.seed + 1,
+            paired_keys=("day_image",) if paired_day else (),
             **common,
         ),
         val=pipeline.val_dataset(

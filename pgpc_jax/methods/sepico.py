@@ -21,6 +21,15 @@ One step, in the released order (the EMA teacher update is done first by the gen
 
 The contrastive term is `losses/sepico.py: sepico_loss` (`sepico.variant`: 'dist', 'proto' or
 'bank', plus the regulariser). No feature distance (`uda.fd_lambda` = 0, set by `configure`).
+
+`sepico.day_night` is the released Cityscapes -> Dark Zurich variant (`sepico_dark.py`,
+`SePiCoDark.forward_train`): the target batch carries each night image's paired day image
+(`day_image`, `data.target.paired_day`); the teacher's softmax on the night image and on the day
+image are mixed (`uda/day_night.py: mix_day_night_probs`, times the class weights of strength
+`sepico.class_weight_strength`) and the pseudo-label, its confidence (the mixed, unnormalised
+score) and the class-balanced crop come from the mixed scores; the crop box cuts night and day
+alike and the teacher labels the two crops again; the cropped night image is the weak target.
+The decode head's cross-entropies (source and mix) weigh each pixel by its class weight.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from data_pipelines.labels import IGNORE_INDEX
 from pgpc_jax.losses import sepico as sl
@@ -38,7 +48,7 @@ from pgpc_jax.models.heads import ProjectionHead
 from pgpc_jax.models.layers import resize_bilinear
 from pgpc_jax.models.segmentor import DTYPES
 from pgpc_jax.uda import class_balanced_crop as cbc
-from pgpc_jax.uda import dacs, mixing, sepico_stats, teacher
+from pgpc_jax.uda import dacs, day_night, mixing, sepico_stats, teacher
 
 VARIANTS = sl.VARIANTS
 HEAD = "projection"  # the auxiliary head's name: params `auxiliary_head/projection`
@@ -72,6 +82,14 @@ def config_group() -> ml_collections.ConfigDict:
             cat_max_ratio=0.75,
             # Teacher run again on the crop (`regen_pseudo`).
             regen_pseudo=True,
+            # The day-night variant (`sepico_dark.py`, Cityscapes -> Dark Zurich): pseudo-labels
+            # from the teacher on the night image and its paired day image (needs
+            # data.target.paired_day), class-weighted decode-head cross-entropy.
+            day_night=False,
+            # Strength of the class weights of the mix and of the cross-entropy (released 0.05).
+            class_weight_strength=day_night.TRAIN_STRENGTH,
+            # Weight of a confident day prediction of a shift-insensitive class (`day_ratio`).
+            day_ratio=day_night.DAY_RATIO,
         )
     )
 
@@ -119,6 +137,20 @@ def _settings(config) -> dict[str, Any]:
         raise ValueError(f"sepico.bank_length={c.bank_length!r}: BankCL needs at least 1")
     if float(c.temperature) <= 0:
         raise ValueError(f"sepico.temperature={c.temperature!r}: expected a positive number")
+    if c.day_night and not config.data.target.get("paired_day", False):
+        raise ValueError(
+            "sepico.day_night=True needs the night images' paired day images: set "
+            "data.target.paired_day=True (Dark Zurich's train_night split), or use "
+            "configs/cs2darkzurich.py:sepico"
+        )
+    if not 0.0 <= float(c.day_ratio) <= 1.0:
+        raise ValueError(f"sepico.day_ratio={c.day_ratio!r}: expected a value in [0, 1]")
+    class_weights = None
+    if c.day_night:
+        with jax.ensure_compile_time_eval():  # a constant, even when settings are read in a trace
+            class_weights = np.asarray(
+                day_night.class_weights(strength=float(c.class_weight_strength)), np.float32
+            )
     return dict(
         num_classes=int(config.model.num_classes),
         variant=str(c.variant),
@@ -135,6 +167,10 @@ def _settings(config) -> dict[str, Any]:
         num_boxes=int(c.num_boxes),
         cat_max_ratio=float(c.cat_max_ratio),
         regen=bool(c.regen_pseudo),
+        day_night=bool(c.day_night),
+        # float32 [K] numpy (a constant of the step), None without the day-night variant.
+        class_weights=class_weights,
+        day_ratio=float(c.day_ratio),
     )
 
 
@@ -249,6 +285,140 @@ def crop_target(
     return crop, pseudo, offsets
 
 
+def day_night_scores(
+    teacher_fwd: Callable[[jax.Array], dict], night: jax.Array, day: jax.Array, c: dict
+) -> jax.Array:
+    """The teacher's mixed day-night scores of night images (`SePiCoDark.mix_day_night_probs`
+    of the softmax on the day and on the night images, times the class weights).
+
+    The teacher runs on the day batch and on the night batch separately, as released (its
+    BatchNorm layers use the statistics of the batch they see).
+
+    Args:
+      teacher_fwd: the bound teacher forward.
+      night: [B, H, W, 3] normalised night images; day: [B, H, W, 3] their paired day images.
+      c: `_settings(config)`.
+
+    Returns:
+      float32 [B, H, W, K] mixed scores (not renormalised).
+    """
+    size = night.shape[1:3]
+
+    def softmax(images):
+        logits = resize_bilinear(teacher_fwd(images)["logits"], size).astype(jnp.float32)
+        return jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+
+    p_day, p_night = softmax(day), softmax(night)
+    return day_night.mix_day_night_probs(
+        p_day, p_night, c["class_weights"], day_ratio=c["day_ratio"]
+    )
+
+
+def scores_pseudo_label(scores: jax.Array, s: dict) -> dict[str, jax.Array]:
+    """Pseudo-labels and DACS's quality weight from mixed scores, as `dacs.pseudo_label` does
+    from softmax probabilities: the released dark step takes `torch.max` of the mixed scores, so
+    the label is their argmax and the confidence compared with `uda.pseudo_threshold` is the
+    mixed (class-weighted, unnormalised) score itself.
+
+    Args:
+      scores: float32 [B, H, W, K] (`day_night_scores`).
+      s: `dacs.settings(config)`.
+
+    Returns:
+      {'scores', 'label' int32 [B, H, W], 'weight' float32 [B, H, W], 'confidence',
+       'coverage'} as `dacs.pseudo_label`.
+    """
+    confidence = jnp.max(scores, axis=-1)
+    label = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    confident = (confidence >= s["threshold"]).astype(jnp.float32)
+    coverage = jnp.mean(confident)
+    weight = confident if s["per_pixel"] else jnp.broadcast_to(coverage, confident.shape)
+    rows = teacher.kept_rows(scores.shape[1], s["ignore_top"], s["ignore_bottom"])
+    weight = weight * rows[None, :, None].astype(jnp.float32) * s["target_weight"]
+    return dict(
+        scores=scores,
+        label=label,
+        weight=weight,
+        confidence=jnp.mean(confidence),
+        coverage=coverage,
+    )
+
+
+def crop_day_night_target(
+    teacher_fwd: Callable[[jax.Array], dict],
+    night: jax.Array,
+    day: jax.Array,
+    crop_size: Sequence[int],
+    key: jax.Array,
+    s: dict,
+    c: dict,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
+    """`crop_target` of the day-night variant (`SePiCoDark.forward_train` up to the strong
+    augmentation): pseudo-labels from the mixed day-night scores of the whole images, the
+    class-balanced box chosen on them and cut from the night and the day image alike, then with
+    `regen_pseudo` the teacher labels the two crops again and they are mixed again. Without
+    `regen_pseudo` the whole images' labels are cut and the weight is the whole images'
+    confident share (as released). Without the crop, the images must already have `crop_size`.
+
+    Args:
+      teacher_fwd: the bound teacher forward.
+      night, day: [B, H, W, 3] normalised night images and their paired day images.
+      crop_size: (h, w), the source crop's size.
+      key: PRNG key of the box draw.
+      s: `dacs.settings(config)`; c: `_settings(config)`.
+
+    Returns:
+      (night crop [B, h, w, 3] (the weak target), day crop [B, h, w, 3], pseudo as
+       `scores_pseudo_label` at the crop, offsets int32 [B, 2]).
+    """
+    crop_size = tuple(int(x) for x in crop_size)
+    batch, height, width = night.shape[:3]
+    if day.shape != night.shape:
+        raise ValueError(f"day images {day.shape} differ from the night images {night.shape}")
+    if not c["crop"]:
+        if (height, width) != crop_size:
+            raise ValueError(
+                f"sepico.class_balanced_crop=False: the target images are {height}x{width} but "
+                f"the source crops {crop_size[0]}x{crop_size[1]}; set data.target.crop_size to "
+                "the source crop size or enable the class-balanced crop"
+            )
+        pseudo = scores_pseudo_label(day_night_scores(teacher_fwd, night, day, c), s)
+        return night, day, pseudo, jnp.zeros((batch, 2), jnp.int32)
+    # The box is chosen on the whole images' labels (no rows zeroed: the released crop reads
+    # the labels only).
+    full = scores_pseudo_label(
+        day_night_scores(teacher_fwd, night, day, c),
+        {**s, "ignore_top": 0, "ignore_bottom": 0, "target_weight": 1.0},
+    )
+    offsets = cbc.choose_crop(
+        key, full["label"], crop_size, c["num_boxes"], c["num_classes"], c["cat_max_ratio"]
+    )
+    night_crop = cbc.apply_crop(night, offsets, crop_size)
+    day_crop = cbc.apply_crop(day, offsets, crop_size)
+    if c["regen"]:
+        pseudo = scores_pseudo_label(day_night_scores(teacher_fwd, night_crop, day_crop, c), s)
+        return night_crop, day_crop, pseudo, offsets
+    rows = teacher.kept_rows(crop_size[0], s["ignore_top"], s["ignore_bottom"])
+    weight = cbc.apply_crop(full["weight"], offsets, crop_size) * rows[None, :, None]
+    pseudo = dict(
+        full,
+        scores=cbc.apply_crop(full["scores"], offsets, crop_size),
+        label=cbc.apply_crop(full["label"], offsets, crop_size),
+        weight=weight * s["target_weight"],
+    )
+    return night_crop, day_crop, pseudo, offsets
+
+
+def decode_head_weights(labels: jax.Array, c: dict, weight: jax.Array | None = None):
+    """Pixel weights of a decode-head cross-entropy: `weight` times, in the day-night variant,
+    each pixel's class weight (the released `loss_decode.class_weight`, torch's class-weighted
+    cross-entropy, on the source and the mixed images); `weight` unchanged otherwise."""
+    if c["class_weights"] is None:
+        return weight
+    per_class = day_night.pixel_class_weights(labels, c["class_weights"], IGNORE_INDEX)
+    return per_class if weight is None else weight * per_class
+
+
 def make_losses(config):
     s, c = dacs.settings(config), _settings(config)
 
@@ -257,9 +427,26 @@ def make_losses(config):
         k_crop, k_target = jax.random.split(keys.method)
         src = ctx.src
         batch = src["image"].shape[0]
-        tgt_weak, pseudo, _ = crop_target(
-            ctx.teacher, ctx.tgt["image"], src["image"].shape[1:3], k_crop, s, c
-        )
+        if c["day_night"]:
+            if "day_image" not in ctx.tgt:
+                raise ValueError(
+                    "sepico.day_night=True: the target batch has no day_image; set "
+                    "data.target.paired_day=True"
+                )
+            # The cropped night image is the weak target; the day crop only labels it.
+            tgt_weak, _, pseudo, _ = crop_day_night_target(
+                ctx.teacher,
+                ctx.tgt["image"],
+                ctx.tgt["day_image"],
+                src["image"].shape[1:3],
+                k_crop,
+                s,
+                c,
+            )
+        else:
+            tgt_weak, pseudo, _ = crop_target(
+                ctx.teacher, ctx.tgt["image"], src["image"].shape[1:3], k_crop, s, c
+            )
         # Strong augmentation of source and target: `keys.augment` is also the mix's key, so
         # the jitter and blur decisions are the step's one draw each, as released.
         strong, _ = mixing.strong_augment(
@@ -276,6 +463,10 @@ def make_losses(config):
         losses, source = dacs.source_losses(
             ctx.student, ctx.imnet, {**src, "image": src_strong}, keys.source, s
         )
+        if c["class_weights"] is not None:  # the day-night variant's class-weighted CE
+            losses["loss_src"] = cross_entropy(
+                source["logits"], src["label"], decode_head_weights(src["label"], c)
+            )
         losses["loss_contrast_src"] = active.astype(jnp.float32) * contrast(
             source[HEAD], src["label"], stats, c
         )
@@ -308,7 +499,9 @@ def make_losses(config):
 
         mix = dacs.class_mix(keys, src, tgt_weak, pseudo, s)
         mixed = student(mix["image"], keys.mix_dropout)
-        losses["loss_mix"] = cross_entropy(mixed["logits"], mix["label"], mix["weight"])
+        losses["loss_mix"] = cross_entropy(
+            mixed["logits"], mix["label"], decode_head_weights(mix["label"], c, mix["weight"])
+        )
         metrics = {
             "pseudo_confidence": pseudo["confidence"],
             "pseudo_coverage": pseudo["coverage"],
