@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from configs import cs2darkzurich
+from data_pipelines import dark_zurich
 from data_pipelines.labels import IGNORE_INDEX
-from pgpc_jax import methods
+from pgpc_jax import methods, train
 from pgpc_jax.config_checks import ConfigError, check_config
 from pgpc_jax.losses.segmentation import cross_entropy
 from pgpc_jax.methods import sepico
@@ -244,3 +245,13 @@ def test_paired_day_images_need_dark_zurich_night_and_the_variant_needs_them():
         ConfigError, match="sepico.day_night=True needs .* set data.target.paired_day=True"
     ):
         check_config(config)
+
+
+def test_a_night_image_without_its_day_image_stops_with_the_config_key(monkeypatch):
+    def unpaired(data_dir, dataset):
+        raise dark_zurich.MissingCorrespondenceError("night image x_rgb_anon.png has no row")
+
+    monkeypatch.setattr(dark_zurich, "open_day_night_pairs", unpaired)
+    group = _shipped_sepico().data.target
+    with pytest.raises(ConfigError, match="^data.target.paired_day=True: night image x_rgb"):
+        train._open_day_night("data", group)
