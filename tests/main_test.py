@@ -170,11 +170,11 @@ def test_cli_config_file_that_does_not_exist(tmp_path):
 def test_cli_method_argument(tmp_path):
     """`--config FILE.py:METHOD`: an unknown method, and an override of another method's group,
     are one line each (exit 2) and write nothing."""
-    r = _cli("--config", "configs/synthetic.py:sepico", "--workdir", str(tmp_path / "run"))
+    r = _cli("--config", "configs/synthetic.py:no_such_method", "--workdir", str(tmp_path / "run"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith(
-        "error: --config=configs/synthetic.py:sepico: method='sepico': expected one of "
-        "source_only, daformer, pgpc"
+        "error: --config=configs/synthetic.py:no_such_method: method='no_such_method': expected "
+        "one of source_only, daformer, pgpc, sepico"
     )
     r = _cli(
         "--config",

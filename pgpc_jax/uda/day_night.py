@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines.labels import IGNORE_INDEX
+
 # Class frequencies of the 19 Cityscapes train classes (road ... bicycle), as hard-coded in
 # SePiCo's `experiments.py` (ids 7 and 8) and DANNet's `train.py` / `evaluate.py`.
 DARK_ZURICH_CLASS_FREQUENCIES = np.array(
@@ -138,7 +140,7 @@ def reweight_test_probs(
 
 
 def pixel_class_weights(
-    labels: jnp.ndarray, weights: jnp.ndarray, ignore_index: int = 255
+    labels: jnp.ndarray, weights: jnp.ndarray, ignore_index: int = IGNORE_INDEX
 ) -> jnp.ndarray:
     """Per-pixel weights `weights[label]` for a class-weighted cross-entropy.
 
