@@ -125,6 +125,16 @@ def init_state(config, params) -> dict[str, jax.Array]:
     return sepico_stats.init_stats(c["num_classes"], c["channels"], c["bank_length"])
 
 
+def _check_uncropped(image_size: tuple[int, int], crop_size: tuple[int, int]) -> None:
+    """Without the class-balanced crop, the target must come at the source crop size."""
+    if tuple(image_size) != tuple(crop_size):
+        raise ValueError(
+            f"sepico.class_balanced_crop=False: the target images are "
+            f"{image_size[0]}x{image_size[1]} but the source crops {crop_size[0]}x{crop_size[1]}; "
+            "set data.target.crop_size to the source crop size or enable the class-balanced crop"
+        )
+
+
 def _settings(config) -> dict[str, Any]:
     """The `sepico` group as plain Python values, validated."""
     c = config.sepico
@@ -258,12 +268,7 @@ def crop_target(
     crop_size = tuple(int(x) for x in crop_size)
     batch, height, width = images.shape[:3]
     if not c["crop"]:
-        if (height, width) != crop_size:
-            raise ValueError(
-                f"sepico.class_balanced_crop=False: the target images are {height}x{width} but "
-                f"the source crops {crop_size[0]}x{crop_size[1]}; set data.target.crop_size to "
-                "the source crop size or enable the class-balanced crop"
-            )
+        _check_uncropped((height, width), crop_size)
         return images, dacs.pseudo_label(teacher_fwd, images, s), jnp.zeros((batch, 2), jnp.int32)
     logits = resize_bilinear(teacher_fwd(images)["logits"], (height, width))
     full_label = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -376,12 +381,7 @@ def crop_day_night_target(
     if day.shape != night.shape:
         raise ValueError(f"day images {day.shape} differ from the night images {night.shape}")
     if not c["crop"]:
-        if (height, width) != crop_size:
-            raise ValueError(
-                f"sepico.class_balanced_crop=False: the target images are {height}x{width} but "
-                f"the source crops {crop_size[0]}x{crop_size[1]}; set data.target.crop_size to "
-                "the source crop size or enable the class-balanced crop"
-            )
+        _check_uncropped((height, width), crop_size)
         pseudo = scores_pseudo_label(day_night_scores(teacher_fwd, night, day, c), s)
         return night, day, pseudo, jnp.zeros((batch, 2), jnp.int32)
     # The box is chosen on the whole images' labels (no rows zeroed: the released crop reads
