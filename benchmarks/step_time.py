@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pgpc_jax import cli, methods, optim, sharding  # noqa: E402
+from pgpc_jax import cli, methods, sharding  # noqa: E402
 from pgpc_jax.models import segmentor  # noqa: E402
 from pgpc_jax.train_state import create_train_state  # noqa: E402
 from pgpc_jax.train_step import make_train_step  # noqa: E402
@@ -80,9 +80,7 @@ def build(config, abstract: bool = False):
     model = methods.build_model(config)
     shaped = jax.eval_shape if abstract else (lambda fn, *args: fn(*args))
     variables = shaped(lambda: segmentor.init_variables(model, jax.random.key(config.seed)))
-    optimizer = optim.make_optimizer(
-        variables["params"], config.num_train_steps, **config.optimizer
-    )
+    optimizer = methods.make_optimizer(config, variables["params"])
     state = shaped(lambda v: create_train_state(config, v, optimizer.tx), variables)
     return model, optimizer, state
 

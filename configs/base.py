@@ -157,6 +157,9 @@ def get_config() -> ml_collections.ConfigDict:
             stride=(341, 341),
             # Colour predictions of the first N validation images saved at each evaluation.
             num_visualizations=4,
+            # Test-time class reweighting (SePiCo's day-night test, released 0.16): the
+            # prediction is argmax(softmax x class weights of this strength); 0 = off.
+            class_reweight=0.0,
         )
     )
     # Devices on the ('data',) mesh; 0 = all devices of all processes.

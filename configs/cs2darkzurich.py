@@ -12,8 +12,8 @@ Zurich has no rectification border or ego car: every pseudo-label row is kept.
 
 SePiCo takes its released day-night variant (`sepico.day_night`): each night training image comes
 with its paired day image (`data.target.paired_day`, from Dark Zurich's correspondence files), the
-teacher labels the night image from both, the decode head's cross-entropy is class-weighted;
-Cityscapes at 1280x640 cut to 640x640, Dark Zurich at 1280x720, 60k iterations, seed 42.
+teacher labels the night image from both, the decode head's cross-entropy is class-weighted, and
+evaluation reweights the class scores (`eval.class_reweight` 0.16); Cityscapes at 1280x640 cut to 640x640, Dark Zurich at 1280x720, 60k iterations, seed 42.
 """
 
 from configs import gta2cs
@@ -44,6 +44,7 @@ SEPICO_SOURCE_SCALE = (1280, 640)
 SEPICO_TARGET_SCALE = (1280, 720)
 SEPICO_NUM_TRAIN_STEPS = 60_000
 SEPICO_SEED = 42
+SEPICO_TEST_CLASS_REWEIGHT = 0.16
 
 
 def with_sepico_day_night(config):
@@ -52,6 +53,8 @@ def with_sepico_day_night(config):
     config.data.source.scale = SEPICO_SOURCE_SCALE
     config.data.target.paired_day = True
     config.sepico.day_night = True
+    # The released test of the day-night model reweights the night images' class scores.
+    config.eval.class_reweight = SEPICO_TEST_CLASS_REWEIGHT
     config.num_train_steps = SEPICO_NUM_TRAIN_STEPS
     config.seed = SEPICO_SEED
     return config

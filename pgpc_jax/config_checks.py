@@ -139,6 +139,13 @@ def check_config(config: Any) -> None:
     _choice(config.eval.mode, "eval.mode", evaluation.MODES)
     _pair(config.eval.crop_size, "eval.crop_size")
     _pair(config.eval.stride, "eval.stride")
+    _finite(config.eval.class_reweight, "eval.class_reweight")
+    if config.eval.class_reweight > 0 and config.model.num_classes != 19:
+        raise ConfigError(
+            f"eval.class_reweight={config.eval.class_reweight!r} weighs the 19 Cityscapes "
+            f"classes by their Dark Zurich frequencies, but model.num_classes="
+            f"{config.model.num_classes}; set eval.class_reweight=0"
+        )
 
     _check_method(config)
     uda = config.uda

@@ -415,6 +415,7 @@ def main(argv: list[str]) -> None:
             num_visualizations=num_vis,
             visualization_dir=os.path.join(FLAGS.out, "predictions") if FLAGS.out else None,
             progress=metrics_logging.Progress("evaluating", len(pairs)),
+            class_weights=evaluation.class_weights_of(config),
         )
         seconds = time.time() - start
         if official:

@@ -37,6 +37,7 @@ from data_pipelines import labels as label_table
 from pgpc_jax import sharding
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
+from pgpc_jax.uda import day_night
 
 MODES = ("whole", "slide")
 # Largest pixel count an int32 confusion matrix can take before a cell might overflow.
@@ -240,22 +241,53 @@ def _eval_step(
     num_classes: int,
     ignore_index: int,
     windows_per_call: int,
+    class_weights: tuple[float, ...] | None = None,
 ):
     """jit (cm, variables, images, labels) -> (cm + batch counts, predictions [B, h, w])."""
 
     @jax.jit
     def step(cm, variables, images, labels):
         label_size = labels.shape[1:3]
+        # With class weights, the scores are reweighted at the input size, then resized.
+        out_size = label_size if class_weights is None else None
         if mode == "whole":
-            logits = whole_inference(model, variables, images, label_size)
+            scores = whole_inference(model, variables, images, out_size)
         else:
-            logits = slide_inference(
-                model, variables, images, crop, stride, num_classes, label_size, windows_per_call
+            scores = slide_inference(
+                model, variables, images, crop, stride, num_classes, out_size, windows_per_call
             )
-        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if class_weights is not None:
+            scores = reweight_scores(scores, class_weights)
+            scores = resize_bilinear(scores, tuple(label_size))
+        pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         return cm + confusion_matrix(pred, labels, num_classes, ignore_index), pred
 
     return step
+
+
+def reweight_scores(logits: jax.Array, class_weights: Sequence[float]) -> jax.Array:
+    """Test-time class reweighting (SePiCo's day-night variant, `eval.class_reweight`): the
+    softmax of the logits times each class's weight. The prediction is the argmax of the result.
+
+    Args:
+      logits: float [..., K].
+      class_weights: K weights.
+
+    Returns:
+      float32 [..., K] reweighted probabilities.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return probs * jnp.asarray(class_weights, jnp.float32)
+
+
+def class_weights_of(config) -> tuple[float, ...] | None:
+    """The test-time class weights a config asks for: `eval.class_reweight` > 0 is the strength
+    of SePiCo's frequency-based weights (`uda/day_night.py: class_weights`, 0.16 as released
+    for Dark Zurich); 0 (the default) evaluates the plain argmax."""
+    strength = float(config.eval.get("class_reweight", 0.0))
+    if strength == 0:
+        return None
+    return tuple(float(w) for w in np.asarray(day_night.class_weights(strength=strength)))
 
 
 def metric_name(class_name: str) -> str:
@@ -399,6 +431,7 @@ def evaluate(
     windows_per_call: int = 1,
     visualizations: list | None = None,
     progress: Any = None,
+    class_weights: Sequence[float] | None = None,
 ) -> tuple[dict[str, float], str]:
     """Evaluate a model over a finite iterable of batches.
 
@@ -423,6 +456,9 @@ def evaluate(
       visualizations: if a list, the colour images of the visualized examples are appended
         to it (process 0): {'pred', 'label'} uint8 [H, W, 3] each.
       progress: a `metrics_logging.Progress` counting the evaluated images (None: silent).
+      class_weights: K weights of the test-time class reweighting (`class_weights_of`): the
+        prediction is the argmax of softmax x weights at the input size, resized to the labels
+        (SePiCo's day-night test); None: the argmax of the logits.
 
     Returns:
       (metrics, table): metrics as `metrics_from_confusion` (plus 'eval/num_pixels', the
@@ -442,7 +478,10 @@ def evaluate(
         num_classes,
         ignore_index,
         windows_per_call,
+        None if class_weights is None else tuple(float(w) for w in class_weights),
     )
+    if class_weights is not None and len(class_weights) != num_classes:
+        raise ValueError(f"{len(class_weights)} class weights for {num_classes} classes")
     total = np.zeros((num_classes, num_classes), np.int64)
     zeros = np.zeros((num_classes, num_classes), np.int32)
     cm = sharding.replicate(zeros, mesh) if mesh is not None else zeros

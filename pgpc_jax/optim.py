@@ -128,6 +128,7 @@ def make_optimizer(
     warmup_ratio: float = 1e-6,
     poly_power: float = 1.0,
     min_lr: float = 0.0,
+    start_steps: Mapping[str, int] | None = None,
 ) -> Optimizer:
     """AdamW over mmcv's parameter groups, each with its own poly + warm-up schedule.
 
@@ -143,32 +144,98 @@ def make_optimizer(
       head_lr_mult: lr multiplier of parameters whose torch name contains 'head'.
       norm_decay_mult: decay multiplier of parameters whose torch name contains 'norm'.
       warmup_steps, warmup_ratio, poly_power, min_lr: the schedule of `learning_rate()`.
+      start_steps: {parameter path prefix ('auxiliary_head/projection'): first step}: those
+        parameters are left out of the optimizer before their first step, as torch's AdamW
+        skips parameters without a gradient (a head out of every backward pass): no update, no
+        weight decay, no Adam state. From that step they are updated with a fresh Adam state
+        (bias correction from 1) at the global step's learning rate (`from_step`).
 
     Returns:
       `Optimizer(tx, learning_rate)`: the optax transformation (its count starts at 0, the rate
       of mmcv iteration 0) and the default group's schedule.
     """
     keys = custom_keys(head_lr_mult, norm_decay_mult)
-    labels = param_group_labels(params, keys)
+    labels = _delayed_labels(param_group_labels(params, keys), start_steps or {})
     transforms, schedules = {}, {}
     # Sorted: a set's order follows Python's string hashing, which changes from process to
     # process, and so would the traced program (and the compilation cache would never hit).
-    for group in sorted(set(jax.tree.leaves(labels))):
+    for label in sorted(set(jax.tree.leaves(labels))):
+        group, _, start = label.partition(_DELAY)
+        start = int(start or 0)
         options = keys.get(group, {})
         base = learning_rate * options.get("lr_mult", 1.0)
         decay = weight_decay * options.get("decay_mult", 1.0)
 
-        def schedule(count, base=base):
-            return _schedule(count, base, num_steps, warmup_steps, warmup_ratio, poly_power, min_lr)
+        # A delayed group counts its own updates from its first step: its rate is the one of
+        # the global step `count + start`.
+        def schedule(count, base=base, start=start):
+            step = count + start if start else count
+            return _schedule(step, base, num_steps, warmup_steps, warmup_ratio, poly_power, min_lr)
 
-        schedules[group] = schedule
-        transforms[group] = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=decay)
+        adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=decay)
+        if start:
+            transforms[label] = from_step(start, adamw)
+        else:
+            schedules[group] = schedule
+            transforms[label] = adamw
     default = schedules.get(DEFAULT_GROUP) or (
         lambda count: _schedule(
             count, learning_rate, num_steps, warmup_steps, warmup_ratio, poly_power, min_lr
         )
     )
     return Optimizer(optax.multi_transform(transforms, labels), default)
+
+
+_DELAY = "@"  # group label of parameters delayed to a first step: '<group>@<step>'
+
+
+def _delayed_labels(labels: Any, start_steps: Mapping[str, int]) -> Any:
+    """`labels` with the parameters under each prefix of `start_steps` (a positive step)
+    relabelled '<group>@<step>'."""
+    prefixes = {}
+    for prefix, start in start_steps.items():
+        if int(start) < 0:
+            raise ValueError(f"start step of {prefix!r} is {start}: expected an integer >= 0")
+        if int(start) > 0:
+            prefixes[tuple(prefix.strip("/").split("/"))] = int(start)
+    flat = traverse_util.flatten_dict(dict(labels))
+    for prefix in prefixes:
+        if not any(path[: len(prefix)] == prefix for path in flat):
+            raise ValueError(f"start step for {'/'.join(prefix)!r}: no such parameters")
+    for path, group in flat.items():
+        for prefix, start in prefixes.items():
+            if path[: len(prefix)] == prefix:
+                flat[path] = f"{group}{_DELAY}{start}"
+    return traverse_util.unflatten_dict(flat)
+
+
+class FromStepState(NamedTuple):
+    """`from_step`'s state: the global step count and the inner state (untouched before the
+    first step)."""
+
+    count: jax.Array
+    inner: Any
+
+
+def from_step(start: int, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied from the `start`-th update on (0-based); before it the updates are zero
+    and `inner`'s state stays as initialised, so its own count (bias correction, schedule)
+    starts at the first applied update."""
+
+    def init(params):
+        return FromStepState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        def run(_):
+            return inner.update(updates, state.inner, params)
+
+        def skip(_):
+            return jax.tree.map(jnp.zeros_like, updates), state.inner
+
+        new_updates, new_inner = jax.lax.cond(state.count >= start, run, skip, None)
+        return new_updates, FromStepState(optax.safe_int32_increment(state.count), new_inner)
+
+    return optax.GradientTransformation(init, update)
 
 
 # `make_optimizer`'s argument `learning_rate` shadows the function inside it.

@@ -34,7 +34,7 @@ from PIL import Image
 
 from data_pipelines import labels as label_table
 from data_pipelines import transforms
-from pgpc_jax import checkpointing, convert, weights
+from pgpc_jax import checkpointing, convert, evaluation, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
@@ -83,14 +83,17 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return w, h
 
 
-def make_predictor(model: segmentor.Segmentor):
+def make_predictor(model: segmentor.Segmentor, class_weights: Sequence[float] | None = None):
     """jit-compiled (variables, normalised image [h, w, 3], output size (H, W) or None) ->
     logits [H, W, K], bilinearly upsampled from the network's stride-4 output (mmseg's
-    `rescale=True`; None: at the image's own size)."""
+    `rescale=True`; None: at the image's own size). With `class_weights` (`eval.class_reweight`),
+    the softmax times the weights at the input size, then resized (SePiCo's day-night test)."""
 
     @functools.partial(jax.jit, static_argnums=2)
     def predict(variables, image, size):
         logits = segmentor.predict_logits(model, variables, image[None])  # at the input size
+        if class_weights is not None:
+            logits = evaluation.reweight_scores(logits, class_weights)
         return resize_bilinear(logits, size)[0]
 
     def run(variables, image, size=None):
@@ -117,14 +120,18 @@ def predict_files(
     resize: tuple[int, int] | None = None,
     save_logits: bool = False,
     palette: Sequence[Sequence[int]] | None = None,
+    class_weights: Sequence[float] | None = None,
 ) -> list[str]:
-    """Segment each image file and write its outputs; returns the written paths."""
+    """Segment each image file and write its outputs; returns the written paths. With
+    `class_weights`, the predictions (and the saved scores) are the reweighted softmax."""
     if palette is None:
         palette = convert.class_table("cityscapes")[1]
     for path in images:  # fail before any work on an image that cannot be read
         load_image(path)
     os.makedirs(out_dir, exist_ok=True)
-    predict = make_predictor(model)
+    predict = make_predictor(
+        model, None if class_weights is None else tuple(float(w) for w in class_weights)
+    )
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = np.asarray(palette, np.uint8)
     written, start = [], time.time()
@@ -182,6 +189,7 @@ def main(argv: list[str]) -> None:
             FLAGS.out,
             parse_size(FLAGS.resize),
             FLAGS["save-logits"].value,
+            class_weights=evaluation.class_weights_of(FLAGS.config),
         )
     except (PredictError, ConversionError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

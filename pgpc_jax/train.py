@@ -28,7 +28,7 @@ from etils import epath
 
 from data_pipelines import dark_zurich, pipeline, sources, transforms
 from data_pipelines.rcs import RcsConfig
-from pgpc_jax import checkpointing, evaluation, methods, metrics_logging, optim, predict, sharding
+from pgpc_jax import checkpointing, evaluation, methods, metrics_logging, predict, sharding
 from pgpc_jax.config_checks import ConfigError, check_config
 from pgpc_jax.models import segmentor
 from pgpc_jax.train_state import TrainState, create_train_state
@@ -145,9 +145,7 @@ def abstract_train_state(config: ml_collections.ConfigDict):
     """(model, optimizer, TrainState of ShapeDtypeStructs) of a config, nothing allocated."""
     model = methods.build_model(config)
     abstract_vars = segmentor.abstract_variables(model)
-    optimizer = optim.make_optimizer(
-        abstract_vars["params"], config.num_train_steps, **config.optimizer
-    )
+    optimizer = methods.make_optimizer(config, abstract_vars["params"])
     abstract = jax.eval_shape(lambda v: create_train_state(config, v, optimizer.tx), abstract_vars)
     return model, optimizer, abstract
 
@@ -254,6 +252,7 @@ def _evaluate(config, model, state, datasets, root: epath.Path, step, logger) ->
         crop_size=tuple(config.eval.crop_size),
         stride=tuple(config.eval.stride),
         num_visualizations=count,
+        class_weights=evaluation.class_weights_of(config),
     )
     progress = metrics_logging.Progress(
         f"evaluating step {step}:", datasets["sizes"]["val"], enabled=jax.process_index() == 0

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from configs import base, cs2darkzurich, gta2cs, synthetic, synthia2cs, tiny
-from pgpc_jax import cli, methods, optim
+from pgpc_jax import cli, methods
 from pgpc_jax.config_checks import ConfigError, _check_method
 from pgpc_jax.models import segmentor
 from pgpc_jax.train_state import create_train_state
@@ -38,7 +38,7 @@ def test_config_builds_abstractly(benchmark, method):
     _check_method(config)
     model = methods.build_model(config)
     abstract = segmentor.abstract_variables(model)
-    optimizer = optim.make_optimizer(abstract["params"], config.num_train_steps, **config.optimizer)
+    optimizer = methods.make_optimizer(config, abstract["params"])
     state = jax.eval_shape(lambda v: create_train_state(config, v, optimizer.tx), abstract)
     make_train_step(config, model, optimizer)  # validates the method's settings
     module = methods.get(method)

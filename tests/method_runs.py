@@ -74,7 +74,7 @@ def batches(n: int = STEPS, batch: int = 8, size: int = 32, seed: int = 0):
 
 def build(name: str) -> dict:
     """The run's config, model, optimizer, step function (not jitted) and state at step 0."""
-    from pgpc_jax import methods, optim
+    from pgpc_jax import methods
     from pgpc_jax.models import segmentor
     from pgpc_jax.train_state import create_train_state
     from pgpc_jax.train_step import make_train_step
@@ -82,9 +82,7 @@ def build(name: str) -> dict:
     config = run_config(name)
     model = methods.build_model(config)
     variables = segmentor.init_variables(model, jax.random.key(0))
-    optimizer = optim.make_optimizer(
-        variables["params"], config.num_train_steps, **config.optimizer
-    )
+    optimizer = methods.make_optimizer(config, variables["params"])
     return dict(
         config=config,
         model=model,

@@ -243,7 +243,6 @@ TOY = types.SimpleNamespace(
 
 def test_a_toy_method_plugs_in_without_touching_the_step(monkeypatch):
     from configs import base, tiny
-    from pgpc_jax import optim
     from pgpc_jax.models import segmentor
     from pgpc_jax.train_state import create_train_state
 
@@ -255,9 +254,7 @@ def test_a_toy_method_plugs_in_without_touching_the_step(monkeypatch):
     model = methods.build_model(config)
     variables = segmentor.init_variables(model, jax.random.key(0))
     assert "proj" in variables["params"]["auxiliary_head"]
-    optimizer = optim.make_optimizer(
-        variables["params"], config.num_train_steps, **config.optimizer
-    )
+    optimizer = methods.make_optimizer(config, variables["params"])
     state = create_train_state(config, variables, optimizer.tx)
     assert state.teacher_params is None and state.imnet_params is None
     step = jax.jit(make_train_step(config, model, optimizer))

@@ -194,3 +194,77 @@ def _check_first_step_rates(after, before, grads, hp):
         g = grads[name]
         expected = -lr * (g / (np.abs(g) + 1e-8) + wd * p)
         np.testing.assert_allclose(after[name] - p, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_head_started_late_matches_torch_adamw_skipping_it_until_then():
+    # SePiCo's projection head has no gradient before start_distribution_iter: torch's AdamW
+    # skips it (no decay, no Adam state), then starts its bias correction at that step, at the
+    # global step's rate. Ours gets zero gradients before the start (the head's loss is
+    # multiplied by 0) and `start_steps` must reproduce torch exactly.
+    model = build_segmentor(tiny.get_config().model, {"proj": _ToyProjection()})
+    shapes = abstract_variables(model)["params"]
+    rng = np.random.default_rng(3)
+    init = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    hp = dict(learning_rate=1e-2, weight_decay=0.1, warmup_steps=2, warmup_ratio=0.1)
+    num_steps, start = 10, 3
+    tx = optim.make_optimizer(init, num_steps, **hp, start_steps={"auxiliary_head/proj": start}).tx
+    plain = optim.make_optimizer(init, num_steps, **hp).tx
+    canonical = variables_to_canonical({"params": init})
+    tensors, groups = _torch_param_groups(canonical, hp["learning_rate"], hp["weight_decay"])
+    opt = torch.optim.AdamW(groups, lr=hp["learning_rate"], eps=1e-8,
+                            weight_decay=hp["weight_decay"])  # fmt: skip
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]
+
+    def stepper(tx):
+        @jax.jit
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        return step
+
+    step, plain_step = stepper(tx), stepper(plain)
+    params = jax.tree.map(jnp.asarray, init)
+    state, plain_state, plain_params = tx.init(params), plain.init(params), params
+    for it in range(start + 2):
+        grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), init)
+        if it < start:
+            grads["auxiliary_head"] = jax.tree.map(np.zeros_like, grads["auxiliary_head"])
+        before = variables_to_canonical({"params": params})
+        params, state = step(params, state, grads)
+        plain_params, plain_state = plain_step(plain_params, plain_state, grads)
+        for group in opt.param_groups:
+            group["lr"] = _mmcv_lr(it, group["initial_lr"], num_steps, 2, 0.1)
+        torch_grads = variables_to_canonical({"params": grads})
+        for name, t in tensors.items():
+            head = name.startswith("auxiliary_head.")
+            t.grad = None if head and it < start else torch.tensor(torch_grads[name])
+        opt.step()
+        ours = variables_to_canonical({"params": params})
+        for name, t in tensors.items():
+            ref = t.detach().numpy()
+            np.testing.assert_allclose(ours[name] - before[name], ref - before[name],
+                                       rtol=1e-4, atol=1e-6, err_msg=f"{name} iter {it}")  # fmt: skip
+            if name.startswith("auxiliary_head.") and it < start:
+                np.testing.assert_array_equal(ours[name], before[name])
+        if it == 0:
+            plain_head = variables_to_canonical({"params": plain_params})
+            decayed = any(
+                not np.array_equal(plain_head[name], before[name])
+                for name in tensors
+                if name.startswith("auxiliary_head.")
+            )
+        # The other parameters are exactly those of the optimizer without the delay.
+        for part in ("backbone", "decode_head"):
+            for a, b in zip(jax.tree.leaves(params[part]), jax.tree.leaves(plain_params[part])):
+                np.testing.assert_array_equal(a, b)
+        canonical = {name: t.detach().numpy().copy() for name, t in tensors.items()}
+        params = jax.tree.map(jnp.asarray, _canonical_like(canonical, params))
+        plain_params = params
+    assert decayed  # without the delay the head moves before the start: what the option fixes
+
+
+def test_a_start_step_for_parameters_that_do_not_exist_is_refused(tiny_params):
+    with pytest.raises(ValueError, match="auxiliary_head/projection"):
+        optim.make_optimizer(tiny_params, 10, start_steps={"auxiliary_head/projection": 5})

@@ -29,7 +29,7 @@ from pgpc_jax.methods.context import Context, Student, bind_teacher
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
 from pgpc_jax.uda import class_balanced_crop as cbc
-from pgpc_jax.uda import dacs, day_night, mixing
+from pgpc_jax.uda import dacs, day_night
 from tests import method_runs
 
 CROP = (32, 32)
@@ -164,15 +164,13 @@ def test_source_and_mixed_cross_entropies_use_the_class_weights():
     @jax.jit
     def outside():
         keys = dacs.split_keys(rng_key)
-        k_crop, _ = jax.random.split(keys.method)
+        mk = sepico.method_keys(keys)
         tgt_weak, _, pseudo, _ = sepico.crop_day_night_target(
-            _teacher(run), run["night"], run["day"], CROP, k_crop, s, c
+            _teacher(run), run["night"], run["day"], CROP, mk["crop"], s, c
         )
-        strong, _ = mixing.strong_augment(
-            keys.augment, jnp.concatenate([src["image"], tgt_weak]), **s["jitter"]
-        )
+        src_strong, _ = sepico.strong_source_target(keys, mk, src["image"], tgt_weak, s)
         student = Student(model, params, batch_stats)
-        source = student(strong[:2], keys.source)
+        source = student(src_strong, keys.source)
         mix = dacs.class_mix(keys, src, tgt_weak, pseudo, s)
         mixed = student(mix["image"], keys.mix_dropout)
         w = day_night.class_weights()

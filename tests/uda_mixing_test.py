@@ -217,3 +217,41 @@ def test_strong_augment_draws_jitter_80_and_blur_50_percent_per_step():
     sigma = np.asarray(draws["sigma"])
     assert sigma.min() >= 0.15 and sigma.max() <= 1.15 and abs(sigma.mean() - 0.65) < 0.02
     assert np.mean(sigma[:, 0] != sigma[:, 1]) == 1.0  # one sigma per image
+
+
+def test_a_decision_key_shares_the_decisions_and_not_the_factors():
+    # SePiCo augments the source, the target crop and the mixed images with one step's apply
+    # decisions (from the decision key) but fresh colour factors per call (from each call's key).
+    decisions = jax.random.key(11)
+    calls = [
+        mixing.sample_strong_augment(jax.random.key(20 + i), 3, decision_rng=decisions)
+        for i in range(2)
+    ]
+    alone = mixing.sample_strong_augment(decisions, 5)
+    for draws in calls:
+        assert bool(draws["jitter"]) == bool(alone["jitter"])
+        assert bool(draws["blur"]) == bool(alone["blur"])
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        assert not np.allclose(calls[0]["color"][name], calls[1]["color"][name])
+    # Over many decision keys, both outcomes of each decision occur (the test could fail).
+    outcomes = {
+        bool(
+            mixing.sample_strong_augment(jax.random.key(1), 2, decision_rng=jax.random.key(k))[
+                "blur"
+            ]
+        )
+        for k in range(20)
+    }
+    assert outcomes == {True, False}
+
+
+def test_per_call_draws_one_order_and_one_sigma_for_the_batch():
+    per_image = mixing.sample_strong_augment(jax.random.key(4), 6)
+    per_call = mixing.sample_strong_augment(jax.random.key(4), 6, per_call=True)
+    sigma, order = np.asarray(per_call["sigma"]), np.asarray(per_call["color"]["order"])
+    assert np.all(sigma == sigma[0]) and np.all(order == order[0])
+    assert sorted(order[0].tolist()) == [0, 1, 2, 3]
+    assert len(set(np.asarray(per_image["sigma"]).tolist())) == 6
+    assert len({tuple(o) for o in np.asarray(per_image["color"]["order"]).tolist()}) > 1
+    # The factors stay per image.
+    assert len(set(np.asarray(per_call["color"]["brightness"]).tolist())) == 6

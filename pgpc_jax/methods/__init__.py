@@ -10,13 +10,20 @@ A method module is a few small pure functions (`docs/method.md`, "Adding a metho
   init_state(config, params) the initial `method_state` (a pytree, or None)
   make_losses(config)        -> losses(ctx) -> ({name: loss}, new method_state, {name: metric})
 
+and, optionally:
+
+  start_steps(config)        {parameter path prefix: first step}: parameters the optimizer
+                             leaves alone before that step (a head out of every backward pass)
+
 The generic step (`train_step.py`) looks the method up once, in Python, at trace time.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
+from pgpc_jax import optim
 from pgpc_jax.methods import daformer, pgpc, sepico, source_only
 from pgpc_jax.models import segmentor
 
@@ -49,3 +56,12 @@ def configure(config, name: str | None = None):
 def build_model(config) -> segmentor.Segmentor:
     """The segmentor a run trains: the `model` group plus the method's auxiliary heads."""
     return segmentor.build_segmentor(config.model, get(config.method).auxiliary_heads(config))
+
+
+def make_optimizer(config, params: Any) -> optim.Optimizer:
+    """The run's optimizer: `optim.make_optimizer` with the `optimizer` group and the method's
+    `start_steps` (parameters trained only from a step on)."""
+    start_steps = getattr(get(config.method), "start_steps", lambda config: {})(config)
+    return optim.make_optimizer(
+        params, config.num_train_steps, **config.optimizer, start_steps=start_steps
+    )

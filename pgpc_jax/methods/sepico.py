@@ -8,8 +8,9 @@ One step, in the released order (the EMA teacher update is done first by the gen
    of the source crop is chosen on them, the target is cropped and, with `sepico.regen_pseudo`,
    the teacher labels the crop again; DACS's quality weight with the `uda.pseudo_ignore_*` rows
    zeroed;
-2. the strong augmentation of the source and of the target crop; the jitter and blur decisions
-   are the step's one draw each, shared with the mixed images (the released `strong_parameters`);
+2. the strong augmentation of the source and of the target crop (`strong_source_target`): the
+   jitter and blur decisions are the step's one draw each, shared with the mixed images (the
+   released `strong_parameters`); colour factors, jitter order and blur sigma are per call;
 3. the source statistics (`uda/sepico_stats.py`, the method state) updated with the teacher's
    projection of the weak source and the downscaled ground truth, every step from step 0,
    before any loss reads them;
@@ -117,6 +118,13 @@ def auxiliary_heads(config) -> dict:
     return {
         HEAD: ProjectionHead(channels=int(config.sepico.channels), dtype=DTYPES[config.model.dtype])
     }
+
+
+def start_steps(config) -> dict[str, int]:
+    """The projection head is trained from `sepico.start_step` on: before it the released step
+    keeps the head out of every backward pass (`mode='dec'`), so torch's AdamW neither decays
+    it nor starts its Adam state (`optim.make_optimizer`, `start_steps`)."""
+    return {f"auxiliary_head/{HEAD}": int(config.sepico.start_step)}
 
 
 def init_state(config, params) -> dict[str, jax.Array]:
@@ -419,14 +427,48 @@ def decode_head_weights(labels: jax.Array, c: dict, weight: jax.Array | None = N
     return per_class if weight is None else weight * per_class
 
 
+def method_keys(keys: dacs.Keys) -> dict[str, jax.Array]:
+    """The method's own keys of a step, from `keys.method`: the crop box draw, the target
+    forward's dropout, and the colour factors, jitter order and blur sigma of the source's and
+    of the target crop's strong augmentation."""
+    k_crop, k_target, k_source_aug, k_target_aug = jax.random.split(keys.method, 4)
+    return dict(crop=k_crop, target=k_target, source_aug=k_source_aug, target_aug=k_target_aug)
+
+
+def strong_source_target(
+    keys: dacs.Keys, mk: dict, src_images: jax.Array, tgt_images: jax.Array, s: dict
+) -> tuple[jax.Array, jax.Array]:
+    """The strong augmentation of the source and of the weak target crop (the released
+    `strong_transform` on the source batch, then on the target batch).
+
+    The jitter and blur decisions come from `keys.augment`, the key of the mixed images'
+    augmentation, so the three share the step's one draw of each (the released
+    `strong_parameters`); the colour factors, the jitter order and the blur sigma are fresh for
+    each call, as kornia and `gaussian_blur` draw them per call: one order and one sigma for
+    the source batch, another for the target batch (the mixed images get theirs per image).
+
+    Args:
+      keys: the step's `dacs.split_keys`; mk: `method_keys(keys)`.
+      src_images, tgt_images: [B, h, w, 3] normalised weak source and weak target crop.
+      s: `dacs.settings(config)`.
+
+    Returns:
+      (strong source, strong target), float32 like the inputs.
+    """
+    common = dict(s["jitter"], decision_rng=keys.augment, per_call=True)
+    src_strong, _ = mixing.strong_augment(mk["source_aug"], src_images, **common)
+    tgt_strong, _ = mixing.strong_augment(mk["target_aug"], tgt_images, **common)
+    return src_strong, tgt_strong
+
+
 def make_losses(config):
     s, c = dacs.settings(config), _settings(config)
 
     def losses(ctx):
         keys = dacs.split_keys(ctx.rng)
-        k_crop, k_target = jax.random.split(keys.method)
+        mk = method_keys(keys)
+        k_crop, k_target = mk["crop"], mk["target"]
         src = ctx.src
-        batch = src["image"].shape[0]
         if c["day_night"]:
             if "day_image" not in ctx.tgt:
                 raise ValueError(
@@ -447,12 +489,7 @@ def make_losses(config):
             tgt_weak, pseudo, _ = crop_target(
                 ctx.teacher, ctx.tgt["image"], src["image"].shape[1:3], k_crop, s, c
             )
-        # Strong augmentation of source and target: `keys.augment` is also the mix's key, so
-        # the jitter and blur decisions are the step's one draw each, as released.
-        strong, _ = mixing.strong_augment(
-            keys.augment, jnp.concatenate([src["image"], tgt_weak]), **s["jitter"]
-        )
-        src_strong, tgt_strong = strong[:batch], strong[batch:]
+        src_strong, tgt_strong = strong_source_target(keys, mk, src["image"], tgt_weak, s)
 
         # Statistics before any loss, from the teacher on the weak source.
         stats = update_source_stats(

@@ -175,13 +175,17 @@ def hsv_to_rgb(image: jax.Array) -> jax.Array:
     return jnp.take_along_axis(table, index, axis=-1)
 
 
-def sample_color_jitter(rng: jax.Array, batch: int, strength: float = 0.2) -> dict[str, jax.Array]:
+def sample_color_jitter(
+    rng: jax.Array, batch: int, strength: float = 0.2, one_order: bool = False
+) -> dict[str, jax.Array]:
     """Per-image ColorJitter parameters, as kornia draws them with one call per image.
 
     Args:
       rng: PRNG key.
       batch: number of images B.
       strength: s of `ColorJitter(s, s, s, s)`.
+      one_order: one permutation for the whole batch, as kornia 0.5.8 draws it for one call on
+        a batch (the factors stay per image); False: one per image (one call per image).
 
     Returns:
       {'brightness', 'contrast', 'saturation': [B] in U(1 - s, 1 + s) (brightness and
@@ -195,7 +199,8 @@ def sample_color_jitter(rng: jax.Array, batch: int, strength: float = 0.2) -> di
         return jax.random.uniform(k, (batch,), jnp.float32, low, high)
 
     # A uniform random permutation per image: the ranks of four uniform draws.
-    order = jnp.argsort(jax.random.uniform(ko, (batch, 4)), axis=-1)
+    order = jnp.argsort(jax.random.uniform(ko, (1 if one_order else batch, 4)), axis=-1)
+    order = jnp.broadcast_to(order, (batch, 4))
     return {
         "brightness": factor(kb, lo, min(2.0, 1.0 + strength)),
         "contrast": factor(kc, lo, 1.0 + strength),
@@ -320,6 +325,8 @@ def sample_strong_augment(
     jitter_strength: float = 0.2,
     jitter_prob: float = 0.8,
     blur_prob: float = 0.5,
+    decision_rng: jax.Array | None = None,
+    per_call: bool = False,
 ) -> dict:
     """Every random draw of one step's `strong_augment`.
 
@@ -329,18 +336,27 @@ def sample_strong_augment(
       jitter_strength: kornia ColorJitter strength s (0.2).
       jitter_prob: probability that this step jitters (0.8: the reference's U > 0.2).
       blur_prob: probability that this step blurs (0.5: the reference's U > 0.5).
+      decision_rng: the key of the two apply decisions; None: `rng`. The decisions depend on
+        this key alone (not on B), so calls that share it share the step's decisions (the
+        reference's one `strong_parameters`) while `rng` gives each call its own factors.
+      per_call: one jitter order and one blur sigma for the whole batch, as one reference call
+        on a batch (`strong_transform` on the source batch); False: per image, as the
+        reference's one call per mixed image.
 
     Returns:
       {'jitter': bool scalar, 'blur': bool scalar (one draw each for the whole batch),
        'color': per-image `sample_color_jitter` parameters, 'sigma': float32 [B] in
-       U(0.15, 1.15), one blur sigma per image}.
+       U(0.15, 1.15), one blur sigma per image (all equal with `per_call`)}.
     """
     k_jitter_u, k_jitter, k_blur_u, k_sigma = jax.random.split(rng, 4)
+    if decision_rng is not None:
+        k_jitter_u, _, k_blur_u, _ = jax.random.split(decision_rng, 4)
+    sigma = jax.random.uniform(k_sigma, (1 if per_call else batch,), jnp.float32, 0.15, 1.15)
     return {
         "jitter": jax.random.uniform(k_jitter_u) > 1.0 - jitter_prob,
         "blur": jax.random.uniform(k_blur_u) > 1.0 - blur_prob,
-        "color": sample_color_jitter(k_jitter, batch, jitter_strength),
-        "sigma": jax.random.uniform(k_sigma, (batch,), jnp.float32, 0.15, 1.15),
+        "color": sample_color_jitter(k_jitter, batch, jitter_strength, one_order=per_call),
+        "sigma": jnp.broadcast_to(sigma, (batch,)),
     }
 
 
@@ -352,13 +368,16 @@ def strong_augment(
     blur_prob: float = 0.5,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    decision_rng: jax.Array | None = None,
+    per_call: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """DACS `strong_transform` after the mix: colour jitter, then Gaussian blur.
 
     Args:
       rng: PRNG key (the caller folds in the step).
       images: float32 [B, H, W, 3] normalised mixed images.
-      jitter_strength, jitter_prob, blur_prob: as `sample_strong_augment`.
+      jitter_strength, jitter_prob, blur_prob, decision_rng, per_call: as
+        `sample_strong_augment`.
       mean, std: the normalisation of `images` (mmseg `img_norm_cfg`, RGB).
 
     Returns:
@@ -367,7 +386,9 @@ def strong_augment(
     """
     batch, height, width = images.shape[:3]
     images = images.astype(jnp.float32)
-    draws = sample_strong_augment(rng, batch, jitter_strength, jitter_prob, blur_prob)
+    draws = sample_strong_augment(
+        rng, batch, jitter_strength, jitter_prob, blur_prob, decision_rng, per_call
+    )
     kernel = (blur_kernel_size(height), blur_kernel_size(width))
 
     def jitter(x):
