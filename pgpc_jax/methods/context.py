@@ -40,13 +40,14 @@ class Student:
 
 
 def bind_teacher(model, params: Any, batch_stats: Any) -> Callable[[jax.Array], dict]:
-    def teacher(images: jax.Array) -> dict[str, Any]:
+    def teacher(images: jax.Array, auxiliary_only: bool = False) -> dict[str, Any]:
         outputs, _ = model.apply(
             {"params": params, "batch_stats": batch_stats},
             images,
             train=True,
             dropout=False,
             mutable=["batch_stats"],
+            method=model.auxiliary_outputs if auxiliary_only else None,
         )
         return jax.lax.stop_gradient(outputs)
 

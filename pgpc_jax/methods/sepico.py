@@ -493,7 +493,7 @@ def make_losses(config):
 
         # Statistics before any loss, from the teacher on the weak source.
         stats = update_source_stats(
-            ctx.method_state, ctx.teacher(src["image"])[HEAD], src["label"], c
+            ctx.method_state, ctx.teacher(src["image"], auxiliary_only=True)[HEAD], src["label"], c
         )
         active = ctx.step >= c["start_step"]
 
@@ -521,6 +521,7 @@ def make_losses(config):
                 train=True,
                 rngs={"dropout": k_target},
                 mutable=["batch_stats"],
+                method=student.model.auxiliary_outputs,  # no decode head (`mode='aux'`)
             )
             kept = dict(batch_stats)
             kept["auxiliary_head"] = updated["batch_stats"]["auxiliary_head"]

@@ -101,6 +101,19 @@ class Segmentor(nn.Module):
             outputs.update(self.auxiliary(features, train))
         return outputs
 
+    def auxiliary_outputs(
+        self, images: jax.Array, train: bool = False, dropout: bool | None = None
+    ) -> dict[str, Any]:
+        """`__call__` without the decode head: {'features', one entry per auxiliary head} (a
+        forward that needs an auxiliary head only, as mmseg's `mode='aux'`). The same values
+        and random draws as `__call__`'s entries."""
+        dropout = train if dropout is None else dropout
+        features = self.encoder(images, dropout)
+        outputs = {"features": features}
+        if self.auxiliary_heads:
+            outputs.update(self.auxiliary(features, train))
+        return outputs
+
     def encode(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
         """Encoder features only (the frozen ImageNet model of the feature distance)."""
         return self.encoder(images, train)
