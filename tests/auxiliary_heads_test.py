@@ -243,3 +243,29 @@ def test_cli_to_torch_keeps_heads_only_when_asked(tmp_path):
     assert sorted(state) == sorted(want)
     for key, value in want.items():
         np.testing.assert_array_equal(state[key].numpy(), value, err_msg=key)
+
+
+def test_auxiliary_outputs_are_the_full_forwards_entries_without_the_decode_head():
+    # A forward that needs an auxiliary head only (SePiCo's target contrast, mmseg's mode='aux')
+    # gives the same features, head output, random draws and head BatchNorm statistics.
+    model = build_segmentor(tiny.get_config().model, HEADS)
+    variables = init_variables(model, jax.random.key(0))
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    kwargs = dict(train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    full, full_stats = jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, images)
+    aux, aux_stats = jax.jit(
+        lambda v, x: model.apply(v, x, method=model.auxiliary_outputs, **kwargs)
+    )(variables, images)
+    assert sorted(aux) == ["features", "proj"]
+    np.testing.assert_allclose(aux["proj"], full["proj"], rtol=1e-6, atol=1e-6)
+    for a, b in zip(aux["features"], full["features"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(
+        jax.tree.leaves(aux_stats["batch_stats"]["auxiliary_head"]),
+        jax.tree.leaves(full_stats["batch_stats"]["auxiliary_head"]),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # The projection head's statistics moved (train=True): the comparison is not of constants.
+    moved = jax.tree.leaves(aux_stats["batch_stats"]["auxiliary_head"])
+    initial = jax.tree.leaves(variables["batch_stats"]["auxiliary_head"])
+    assert any(not np.array_equal(a, b) for a, b in zip(moved, initial))
