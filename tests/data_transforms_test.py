@@ -98,7 +98,11 @@ def test_normalize_uses_daformer_mean_and_std():
 
 
 def _fda_reference_torch(src, trg, beta):
-    """FDA utils.FDA_source_to_target with today's torch.fft (CHW, corner blocks)."""
+    """FDA utils.FDA_source_to_target with today's torch.fft (CHW, corner blocks).
+
+    The released `torch.irfft(X, 2, onesided=False)` (PyTorch <= 1.7) reads only the columns
+    0..W//2 of X (ATen `_fft_cufft` narrows them): `torch.fft.irfft2` of those columns.
+    """
     src_t = torch.from_numpy(src.transpose(2, 0, 1).astype(np.float64))
     trg_t = torch.from_numpy(trg.transpose(2, 0, 1).astype(np.float64))
     f_src, f_trg = torch.fft.fft2(src_t), torch.fft.fft2(trg_t)
@@ -109,7 +113,7 @@ def _fda_reference_torch(src, trg, beta):
     amp_src[:, 0:b, w - b : w] = amp_trg[:, 0:b, w - b : w]
     amp_src[:, h - b : h, 0:b] = amp_trg[:, h - b : h, 0:b]
     amp_src[:, h - b : h, w - b : w] = amp_trg[:, h - b : h, w - b : w]
-    out = torch.fft.ifft2(torch.polar(amp_src, pha_src)).real
+    out = torch.fft.irfft2(torch.polar(amp_src, pha_src)[:, :, : w // 2 + 1], s=(h, w))
     return out.numpy().transpose(1, 2, 0)
 
 
@@ -118,15 +122,26 @@ def test_fda_matches_the_reference_corner_swap(beta):
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, (64, 96, 3)).astype(np.uint8)
     trg = rng.integers(0, 256, (64, 96, 3)).astype(np.uint8)
-    out = fda.fda_source_to_target(src, trg, beta)
+    out = fda.fda_source_to_target(src, trg, beta)  # default window: 'torch', as FDA's train.py
     np.testing.assert_allclose(out, _fda_reference_torch(src, trg, beta), atol=1e-3)
+    # The former name of the window is an alias of it.
+    np.testing.assert_array_equal(fda.fda_source_to_target(src, trg, beta, "corners"), out)
     if int(64 * beta) > 0:
         assert np.abs(out - src).max() > 1.0
 
 
 def test_fda_window_sizes_and_identity():
-    assert fda.low_freq_window(64, 96, 0.05, "corners").sum() == 4 * 3 * 3
-    assert fda.low_freq_window(64, 96, 0.05, "centered").sum() == 7 * 7
+    # b = floor(64 * 0.05) = 3: low_freq_mutate's 4 b^2 corners, of which torch.irfft keeps
+    # 2b (2b - 1) (the columns 0..W//2 and the mirror image of the left corners); (2b + 1)^2
+    # for low_freq_mutate_np.
+    for name in ("torch", "corners"):
+        assert fda.low_frequency_mask(64, 96, 0.05, name).sum() == 2 * 3 * 5
+    for name in ("numpy", "centered"):
+        assert fda.low_frequency_mask(64, 96, 0.05, name).sum() == 7 * 7
+    with pytest.raises(ValueError, match="window"):
+        fda.low_frequency_mask(64, 96, 0.05, "full")
+    with pytest.raises(ValueError, match="beta"):
+        fda.low_frequency_mask(64, 96, 0.6)
     rng = np.random.default_rng(1)
     src = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
     np.testing.assert_allclose(fda.fda_source_to_target(src, src, 0.1), src, atol=1e-3)
@@ -134,12 +149,13 @@ def test_fda_window_sizes_and_identity():
     np.testing.assert_allclose(fda.fda_source_to_target(src, trg, 0.0), src, atol=1e-3)
 
 
-def test_fda_centered_window_takes_the_target_low_frequency_amplitude():
+@pytest.mark.parametrize("window", ["numpy", "centered"])
+def test_fda_centered_window_takes_the_target_low_frequency_amplitude(window):
     rng = np.random.default_rng(2)
     src = rng.integers(0, 256, (32, 48, 3)).astype(np.uint8)
     trg = rng.integers(0, 256, (32, 48, 3)).astype(np.uint8)
-    out = fda.fda_source_to_target(src, trg, 0.1, window="centered")
-    mask = fda.low_freq_window(32, 48, 0.1, "centered")
+    out = fda.fda_source_to_target(src, trg, 0.1, window=window)
+    mask = fda.low_frequency_mask(32, 48, 0.1, window)
     amp_out = np.abs(np.fft.fft2(out.astype(np.float64), axes=(0, 1)))
     amp_trg = np.abs(np.fft.fft2(trg.astype(np.float64), axes=(0, 1)))
     np.testing.assert_allclose(amp_out[mask], amp_trg[mask], rtol=1e-4, atol=1e-2)

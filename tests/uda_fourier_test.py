@@ -140,32 +140,57 @@ def test_beta_zero():
     assert np.abs(x.mean(axis=(1, 2)) - y.mean(axis=(1, 2))).min() > 1.0
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.05, 0.1])
-def test_host_pipeline_centered_equals_numpy_window(beta):
-    src, trg = _images((2, 3, 20, 31), seed=3)
-    x, y = _nhwc(src), _nhwc(trg)
-    got = np.asarray(_jitted(beta, "numpy")(x, y))
-    host = np.stack([host_fda.fda_source_to_target(a, b, beta, "centered") for a, b in zip(x, y)])
-    np.testing.assert_allclose(got, host, atol=5e-4, rtol=0)
+@pytest.mark.parametrize(
+    "host_window, window",
+    [("numpy", "numpy"), ("torch", "torch"), ("centered", "numpy"), ("corners", "torch")],
+)
+@pytest.mark.parametrize("beta", [0.0, 0.05, 0.1, 0.2])
+def test_host_pipeline_equals_device_window(host_window, window, beta):
+    # data_pipelines/fda.py (numpy, per HWC image, float64) has the same windows under the same
+    # names, and its former names as aliases: 'centered' -> 'numpy', 'corners' -> 'torch'.
+    transcribed = {"numpy": ref.fda_source_to_target_np, "torch": ref.fda_source_to_target_torch}
+    for shape, seed in (((2, 3, 20, 31), 3), ((1, 3, 21, 30), 4)):
+        src, trg = _images(shape, seed=seed)
+        x, y = _nhwc(src), _nhwc(trg)
+        h, w = x.shape[1:3]
+        np.testing.assert_array_equal(
+            host_fda.low_frequency_mask(h, w, beta, host_window),
+            fourier.low_frequency_mask(h, w, beta, window),
+        )
+        host = np.stack(
+            [host_fda.fda_source_to_target(a, b, beta, host_window) for a, b in zip(x, y)]
+        )
+        assert host.dtype == np.float32 and host.shape == x.shape
+        got = np.asarray(_jitted(beta, window)(x, y))
+        np.testing.assert_allclose(host, got, atol=5e-4, rtol=0)
+        # Against the transcription as well, to float32 rounding of values up to ~255.
+        want = np.moveaxis(
+            transcribed[window](np.moveaxis(x, -1, 1), np.moveaxis(y, -1, 1), beta), 1, -1
+        )
+        np.testing.assert_allclose(host, want, atol=1e-4, rtol=0)
+        if window == "numpy" or fourier.window_half_size(h, w, beta) > 0:
+            assert np.abs(host - x).max() > 1.0  # the swap did something
 
 
-@pytest.mark.parametrize("beta", [0.05, 0.1, 0.2])
-def test_host_pipeline_corners_differs_from_torch_window_on_the_ring_only(beta):
-    # data_pipelines/fda.py 'corners' takes np.real(ifft2) of the full corner-masked spectrum,
-    # where torch.irfft(onesided=False) drops the right-hand corners: the two results differ
-    # exactly on the frequencies max(|k_h|, |k_w|) = b, which the host version half-swaps.
-    src, trg = _images((2, 3, 20, 31), seed=4)
-    x, y = _nhwc(src), _nhwc(trg)
-    h, w = x.shape[1:3]
-    b = fourier.window_half_size(h, w, beta)
-    got = np.asarray(_jitted(beta, "torch")(x, y))
-    host = np.stack([host_fda.fda_source_to_target(a, b_, beta, "corners") for a, b_ in zip(x, y)])
-    diff = np.abs(np.fft.fft2(host.astype(np.float64) - got, axes=(1, 2)))  # [B, H, W, C]
+def test_host_pipeline_torch_window_is_not_the_full_inverse_of_the_corners():
+    # The former host 'corners' took np.real(ifft2) of the full corner-masked spectrum; the
+    # training code's torch.irfft(onesided=False) ignores the right-hand corners instead. The
+    # two differ exactly on the ring max(|k_h|, |k_w|) = b, which the former version half-swapped.
+    src, trg = _images((1, 3, 20, 31), seed=5)
+    x, y = _nhwc(src)[0].astype(np.float64), _nhwc(trg)[0].astype(np.float64)
+    h, w = x.shape[:2]
+    b = fourier.window_half_size(h, w, 0.1)
     k_h, k_w = np.meshgrid(_signed_frequencies(h), _signed_frequencies(w), indexing="ij")
+    corners = (k_h >= -b) & (k_h < b) & (k_w >= -b) & (k_w < b)
+    spec_src, spec_trg = np.fft.fft2(x, axes=(0, 1)), np.fft.fft2(y, axes=(0, 1))
+    amplitude = np.where(corners[..., None], np.abs(spec_trg), np.abs(spec_src))
+    full = np.real(np.fft.ifft2(amplitude * np.exp(1j * np.angle(spec_src)), axes=(0, 1)))
+    host = host_fda.fda_source_to_target(x, y, 0.1, "corners")
+    diff = np.abs(np.fft.fft2(host - full, axes=(0, 1)))  # [H, W, C]
     ring = np.maximum(np.abs(k_h), np.abs(k_w)) == b
-    scale = np.abs(np.fft.fft2(x, axes=(1, 2))).max()
-    assert diff[:, ~ring].max() < 1e-5 * scale
-    assert diff[:, ring].max() > 1e-2 * scale
+    scale = np.abs(spec_src).max()
+    assert diff[~ring].max() < 1e-5 * scale
+    assert diff[ring].max() > 1e-2 * scale
 
 
 def test_integer_images_and_errors():
