@@ -43,11 +43,10 @@ Deviations from the reference
 * `pick_targets` draws a target per source image with replacement from a target batch; the
   reference (batch 1) pairs each source image with the next image of its shuffled target loader.
 
-`data_pipelines/fda.py`, the host-side (grain) version of the same swap, names the windows
-`'centered'` (equal to `'numpy'` here) and `'corners'`. Its `'corners'` takes the real part of
-the full inverse DFT of the corner-masked spectrum instead of narrowing it as `torch.irfft` does,
-which gives half-swapped amplitudes on the ring max(|k_y|, |k_x|) = b; it agrees with `'torch'`
-everywhere else in the spectrum (`tests/uda_fourier_test.py` checks both facts).
+`data_pipelines/fda.py`, the host-side (grain) version of the same swap, has the same two windows
+(`'numpy'`, `'torch'`; the aliases `'centered'` and `'corners'`) with the same masks
+(`tests/uda_fourier_test.py` checks masks and outputs equal); its default is `'torch'`, the
+training code's window, where this module's is `'numpy'`.
 """
 
 from __future__ import annotations
