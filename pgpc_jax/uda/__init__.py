@@ -4,5 +4,5 @@
 statistics and memory bank (`sepico_stats`), class-balanced crop (`class_balanced_crop`) and
 day-night pseudo-label mixing and class weights (`day_night`); FDA's low-frequency amplitude
 swap (`fourier`) and per-class pseudo-label thresholds (`class_thresholds`); fixed-size
-memory banks (`ring_buffer`).
+memory banks (`ring_buffer`); PiPa's pair of overlapping crops (`overlap_crops`).
 All functions are pure, jittable and use static shapes."""
