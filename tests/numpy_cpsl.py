@@ -123,3 +123,63 @@ def self_labelling_batch(
         loss_out += term(out, q)
     loss_out /= out_ds.shape[0]
     return loss_sl + loss_out
+
+
+def consistency(teacher_warped_nchw, student_nchw, temperature, padding=250):
+    """The `proto_consistW` block of `step` from the warped teacher scores on: the mask is
+    `warped != padding` per (pixel, class) element, `F.kl_div(student, teacher, 'none')` is
+    teacher * (log teacher - student), and the masked sum is divided by the mask's sum."""
+    mask = (teacher_warped_nchw != padding).astype(student_nchw.dtype)
+    teacher = _softmax(teacher_warped_nchw / temperature, 1)
+    student = _log_softmax(student_nchw / temperature, 1)
+    kl = teacher * (np.log(teacher) - student)
+    return (kl * mask).sum() / mask.sum()
+
+
+def prototypes_ema(prototypes_ema_, prototypes):
+    """The EMA line after the SGD step of `step` (momentum hard-coded)."""
+    return prototypes_ema_.copy() * 0.999 + prototypes.copy() * (1.0 - 0.999)
+
+
+def contrastive(queue, queue_label, feats_, labels_, temperature):
+    """`CustomModel.contrastive`: queue [L, D], queue_label [L, 1] (float, as the released queue),
+    feats_ [N, D], labels_ [N, 1]."""
+    mask = (labels_ == queue_label.T).astype(feats_.dtype)
+    anchor_dot_contrast = (feats_ @ queue.T) / temperature
+    logits = anchor_dot_contrast - anchor_dot_contrast.max(axis=1, keepdims=True)
+    neg_mask = 1 - mask
+    neg_logits = (np.exp(logits) * neg_mask).sum(1, keepdims=True)
+    log_prob = logits - np.log(np.exp(logits) + neg_logits)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / (mask.sum(1) + 1e-5)
+    return (-mean_log_prob_pos).mean()
+
+
+def calc_prototype(feat_nchw, pred_nhw, n_class, start=None):
+    """`calc_prototype.py` on one loader pass: per image and class with >= 10 predicted pixels
+    (`Class_Features.calculate_mean_vector`, a prediction given as labels), the image's mean
+    feature, folded into `objective_vectors` by `update_objective_SingleVector(..., 'mean')`
+    (running mean, count capped at 3000). `start` = (vectors [K, D], counts [K]) to continue.
+
+    Returns:
+      (objective_vectors [K, D], objective_vectors_num [K]).
+    """
+    n_img, dim = feat_nchw.shape[:2]
+    if start is None:
+        vectors, nums = np.zeros((n_class, dim)), np.zeros(n_class)
+    else:
+        vectors, nums = start[0].copy(), start[1].copy()
+    hw = pred_nhw.shape[1] * pred_nhw.shape[2]
+    for n in range(n_img):
+        for t in range(n_class):
+            pred_t = (pred_nhw[n] == t).astype(feat_nchw.dtype)
+            scale_factor = pred_t.sum() / hw  # adaptive_avg_pool2d of the one-hot
+            if scale_factor == 0 or (pred_t > 0).sum() < 10:
+                continue
+            vector = (feat_nchw[n] * pred_t).sum(axis=(1, 2)) / hw / scale_factor
+            if vector.sum() == 0:
+                continue
+            vectors[t] = vectors[t] * nums[t] + vector
+            nums[t] += 1
+            vectors[t] = vectors[t] / nums[t]
+            nums[t] = min(nums[t], 3000)
+    return vectors, nums

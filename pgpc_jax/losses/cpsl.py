@@ -1,5 +1,5 @@
-"""CPSL's stage-1 losses (Sinkhorn self-labelling, prototype rectification, RCE) with explicit
-inputs.
+"""CPSL's stage-1 losses (Sinkhorn self-labelling, prototype rectification, RCE, prototype
+consistency, bank contrast) and prototype bookkeeping (class means, EMA) with explicit inputs.
 
 Source [released]: CPSL (Li et al., CVPR 2022), `models/adaptation_modelv2.py` of lslrh/CPSL:
 `CustomModel.sinkhorn`, `CustomModel.rce`, `CustomModel.get_prototype_weight`, and the
@@ -50,13 +50,13 @@ Released quirks, kept or noted (a method composing these functions decides):
   batch; sampling belongs to the method, which passes the sampled rows.
 * [released] The queue labels (`label_SL_DS`) are NOT permuted with the features' random index
   and come from the weak-crop label map resized to the full-image grid (spatially misaligned);
-  they only feed the 0.001-weighted contrastive term, which is not in this module.
+  they only feed the 0.001-weighted contrastive term (`bank_contrast`).
 * [released] The EMA teacher is never put in eval mode: dropout on its features and batch
   statistics are active when it computes f_ema (a model-side choice, noted here because these
   losses consume f_ema).
 * [released] The prior r is the fixed `Pseudo/class_distribution.npy` (class shares of the
   warm-up model's argmax over Cityscapes train, sums to 1); no moving-average update exists in
-  the released code.
+  the released code; `prior_ema` is the reconstructed alternative (below).
 * [released] RCE clamps softmax to [1e-7, 1] and the one-hot to [1e-4, 1] and divides by
   (kept pixels + 1e-6): per pixel it is -log(1e-4) * sum_{c != y} max(p_c, 1e-7).
 * [fixed shape] The released cross-entropy is NaN when every pixel is ignored; `cts_loss`'s CE
@@ -64,6 +64,59 @@ Released quirks, kept or noted (a method composing these functions decides):
   than the ignore label (a released one-hot error) count as ignored.
 * [reconstructed] Ties in the rectification's argmax go to the lowest class id (jnp.argmax;
   torch's CUDA `max(1)` does not specify).
+
+The rest of the released stage-1 step and its bookkeeping:
+
+* L_cons [released: the `proto_consistW > 0` block of `step`] (`consistency_kl`): teacher
+  p = softmax(cos(f_ema, W_ema) / T) on the weak view, warped by the strong view's geometric ops
+  (`label_strong_T`: flip, nearest-neighbour affine, cutout; uncovered pixels set to 250);
+  student log q = log_softmax(cos(f_student(strong), W_ema) / T). Both sides score with the EMA
+  prototypes W_ema, not W. `F.kl_div(log q, p, reduction='none')` = p (log p - log q) per
+  (pixel, class); the mask `warped_scores != 250` is per (pixel, class) element and the masked
+  sum is divided by the mask's sum, so L_cons is the mean over valid pixels AND classes:
+  (1 / K) sum_c KL_c per pixel, averaged over the valid pixels (the stage-1 weight 5 acts as
+  5 / K on the per-pixel KL). The teacher trains nothing: f_ema comes from the no-grad EMA model
+  and W_ema, though `requires_grad=True`, is in no optimizer and moves by the EMA only; the
+  teacher side is under `stop_gradient` here, and the student's gradient reaches the student's
+  features only.
+* [released] `label_strong_T` adds 1, warps with zero fill, marks exact zeros as padding and
+  subtracts 1: a warped score of exactly -1 would also read as padding, for that class only.
+  Cosine scores reach -1 only for exactly opposite vectors; the mask is an input here, per pixel
+  or per (pixel, class).
+* [fixed shape] The released L_cons is NaN (0 / 0) when no pixel is valid; 0 here.
+* W initialisation [released: `calc_prototype.py`, `train.py`] (`class_means`,
+  `initial_prototypes`): offline, the warm-up model in eval mode runs over Cityscapes train
+  (4 epochs, no augmentation); for each image and each class with at least 10 argmax-predicted
+  pixels at the feature stride it takes that image's mean feature of the class
+  (`Class_Features.calculate_mean_vector`), and the centroid is the running mean of these
+  per-image means (`update_objective_SingleVector(..., 'mean')`; its count is capped at 3000,
+  after which each new image weighs 1 / 3001). The file is saved, and `train.py` loads it and
+  sets W = W_ema = F.normalize(centroids) (L2 per row). A class never predicted keeps its zero
+  centroid and so a zero row in W (F.normalize(0) = 0): its cosine score is 0 for every feature
+  until L_SL moves the row. Here the centroids are computed from arrays given at the first step
+  (the method decides which features and labels); absent classes give the same zero rows.
+* [released] At initialisation W and W_ema share storage (`.data = w` twice), so the first SGD
+  step moves W_ema with W in place, and the EMA line of that step then gives W_ema = W_1 (not
+  0.999 W_0 + 0.001 W_1); from then on they are separate. A one-step difference of lr-sized
+  updates; a method may mirror it by copying W into W_ema after its first step.
+* EMA [released] (`ema_update`): after each SGD step W_ema <- 0.999 W_ema + (1 - 0.999) W
+  (the same form as the EMA model's parameters; its BN buffers are copied), with no
+  normalisation of either W_ema or W afterwards (W drifts in norm; every use normalises it
+  except the bank part of term 1). The released `proto_momentum = 1e-4` is the momentum of
+  ProDA's centroid moving average (`update_objective_SingleVector`), unused in stage 1.
+* Bank contrast [released: `CustomModel.contrastive`] (`bank_contrast`), weight 0.001, run only
+  in iterations without CutMix once the feature queue is full: 256 random L2-normalised student
+  weak-view features per image (stride 8, before any resize) against the whole queue (the
+  queue already holds this step's EMA rows), labels equal = positive, no self-exclusion;
+  each positive has its own denominator (itself plus all negatives), the per-anchor mean over
+  positives divides by (#positives + 1e-5) (an anchor without positives gives 0 and still
+  counts in the mean over anchors), the loss is averaged over anchors and then over images.
+  Labels are compared as values, so ignored labels (250) are positives of each other
+  [released]; with the default `train_thred = 0` none occur.
+* Prior EMA [reconstructed] (`prior_ema`): the paper aligns the assignments' class marginal
+  with the pseudo-labels' class distribution; the release uses the fixed file above. The
+  `cpsl.prior = 'ema'` alternative keeps r as a running average of the teacher's predicted
+  class shares per step: r <- m r + (1 - m) shares, unchanged by a step with no valid pixel.
 """
 
 from __future__ import annotations
@@ -84,6 +137,9 @@ RCE_ALPHA = 0.1  # the CE weight inside L_CTS
 RCE_BETA = 1.0  # the RCE weight inside L_CTS
 SOFTMAX_FLOOR = 1e-7  # RCE's clamp on the softmax
 ONE_HOT_FLOOR = 1e-4  # RCE's clamp on the one-hot
+EMA_MOMENTUM = 0.999  # W_ema and the EMA model (hard-coded in `step`)
+PROTOTYPE_MIN_PIXELS = 10  # calc_prototype.py: an image's class mean needs >= 10 pixels
+CONTRAST_EPS = 1e-5  # `contrastive`: added to the positive count
 
 
 def _float_dtype(x: jax.Array) -> jnp.dtype:
@@ -411,3 +467,250 @@ def cpsl_self_labelling_losses(
     term1 = self_labelling_loss(scores, scores, bank1, bank_valid, prior, **kw)
     term2 = self_labelling_loss(scores, logit_rows, logit_bank, bank_valid, prior, **kw)
     return term1, term2, feat_rows, logit_rows
+
+
+# ------------------------------------------------------------------------------------------------
+# L_cons: prototype consistency between views [released: step, `proto_consistW` block]
+
+
+def consistency_kl(
+    teacher_scores: jax.Array,
+    student_scores: jax.Array,
+    valid: jax.Array,
+    temperature: float = TEMPERATURE,
+) -> jax.Array:
+    """The released L_cons: KL(teacher || student) of prototype assignments, mean over elements.
+
+        p = softmax(teacher / T)  (no gradient);  log q = log_softmax(student / T)
+        L = sum_{pixels, c} m * p_c (log p_c - log q_c) / sum_{pixels, c} m
+
+    with m the validity mask broadcast over classes: with a per-pixel mask this is
+    (1 / K) sum_c KL_c averaged over the valid pixels, as released.
+
+    Args:
+      teacher_scores: [..., K] cos(f_ema, W_ema) on the weak view, already warped to the strong
+        view (`label_strong_T`); any finite value where invalid (the release has 250 there).
+      student_scores: [..., K] cos(f_student(strong), W_ema), differentiable.
+      valid: bool [...] (per pixel) or [..., K] (per element, as the released
+        `warped != 250`); False for the pixels the warp did not cover.
+      temperature: T (0.08 released).
+
+    Returns:
+      scalar in the compute dtype; 0 when nothing is valid (released: NaN).
+    """
+    dtype = jnp.promote_types(_float_dtype(teacher_scores), _float_dtype(student_scores))
+    teacher = jax.lax.stop_gradient(jnp.asarray(teacher_scores, dtype))
+    student = jnp.asarray(student_scores, dtype)
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"consistency_kl: teacher {teacher.shape} and student {student.shape} differ"
+        )
+    valid = jnp.asarray(valid, bool)
+    if valid.ndim == student.ndim - 1:
+        valid = valid[..., None]
+    mask = jnp.broadcast_to(valid, student.shape)
+    # Pixels with no valid class never reach the sum; zeroing their teacher keeps a non-finite
+    # filler out of the (masked) products. Mixed pixels keep every score, as released.
+    teacher = jnp.where(jnp.any(mask, axis=-1, keepdims=True), teacher, 0.0)
+    log_p = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(student / temperature, axis=-1)
+    # p log p with p from exp(log p): 0 * finite where p underflows (torch's xlogy gives 0 too).
+    kl = jnp.exp(log_p) * (log_p - log_q)
+    count = jnp.sum(mask).astype(dtype)
+    return jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.maximum(count, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prototype initialisation and EMA [released: calc_prototype.py, train.py, step]
+
+
+def class_means(
+    feats: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    valid: jax.Array | None = None,
+    per_image: bool = False,
+    min_count: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-class mean features, with zero rows for the classes that are absent.
+
+    per_image=False: the mean over all valid pixels of each class (pixel-pooled); a class with
+    fewer than `min_count` pixels is absent.
+    per_image=True (the released `calc_prototype.py` rule, with `min_count=10`): each image
+    whose class has at least `min_count` valid pixels gives that class's mean over the image,
+    and the class mean is the plain average of these per-image means (the released running
+    mean, before its count cap of 3000 images); a class no image gives is absent.
+
+    Args:
+      feats: [B, ..., D] features (per_image) or [..., D].
+      labels: int [B, ...] / [...] class ids (the argmax prediction in the release); ids
+        outside [0, num_classes) are not counted.
+      num_classes: K.
+      valid: optional bool, same shape as `labels`; False pixels are not counted.
+      per_image: average per-image means (True) or pool the pixels (False).
+      min_count: the least pixel count for a class to count (per image when per_image).
+
+    Returns:
+      (means [K, D] in the compute dtype, zero for absent classes;
+       counts int32 [K]: contributing pixels, or contributing images when per_image).
+    """
+    dtype = _float_dtype(feats)
+    feats = jnp.asarray(feats, dtype)
+    labels = jnp.asarray(labels, jnp.int32)
+    if feats.shape[:-1] != labels.shape:
+        raise ValueError(f"class_means: feats {feats.shape} do not match labels {labels.shape}")
+    keep = (labels >= 0) & (labels < num_classes)
+    if valid is not None:
+        keep = keep & jnp.asarray(valid, bool)
+    onehot = jax.nn.one_hot(jnp.where(keep, labels, 0), num_classes, dtype=dtype)
+    onehot = onehot * keep[..., None].astype(dtype)
+    batch = feats.shape[0] if per_image else 1
+    onehot = onehot.reshape(batch, -1, num_classes)  # [B, P, K]
+    flat = feats.reshape(batch, -1, feats.shape[-1])  # [B, P, D]
+    sums = jnp.einsum("bpk,bpd->bkd", onehot, flat, precision=_HIGHEST)
+    pixels = jnp.sum(onehot, axis=1)  # [B, K]
+    present = pixels >= max(min_count, 1)
+    if not per_image:
+        sums, pixels, present = sums[0], pixels[0], present[0]
+        means = sums / jnp.where(present, pixels, 1.0)[:, None]
+        counts = jnp.where(present, pixels, 0.0).astype(jnp.int32)
+        return jnp.where(present[:, None], means, 0.0), counts
+    image_means = sums / jnp.where(present, pixels, 1.0)[..., None]  # [B, K, D]
+    images = jnp.sum(present, axis=0)  # [K]
+    total = jnp.sum(jnp.where(present[..., None], image_means, 0.0), axis=0)
+    means = total / jnp.maximum(images, 1).astype(dtype)[:, None]
+    return means, images.astype(jnp.int32)
+
+
+def initial_prototypes(
+    feats: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    valid: jax.Array | None = None,
+    per_image: bool = True,
+    min_count: int = PROTOTYPE_MIN_PIXELS,
+) -> jax.Array:
+    """W = W_ema = F.normalize(class means), as `train.py` initialises them from the centroids.
+
+    Args:
+      feats, labels, num_classes, valid, per_image, min_count: as `class_means` (the defaults
+        are the released `calc_prototype.py` rule).
+
+    Returns:
+      [K, D] unit rows; zero rows for absent classes (the released zero centroid normalised).
+    """
+    means, _ = class_means(feats, labels, num_classes, valid, per_image, min_count)
+    return l2_normalize(means)
+
+
+def ema_update(old, new, momentum: float = EMA_MOMENTUM):
+    """The released EMA: old * m + new * (1 - m), leaf by leaf, with no normalisation after.
+
+    Args:
+      old: array or pytree (W_ema [K, D], or the EMA model's parameters).
+      new: same structure (W after the SGD step).
+      momentum: m (0.999 released, for W_ema and the EMA model alike).
+
+    Returns:
+      the updated tree, without gradient (the release assigns `.data`).
+    """
+    return jax.tree.map(
+        lambda o, n: jax.lax.stop_gradient(o * momentum + n * (1.0 - momentum)), old, new
+    )
+
+
+def prior_ema(
+    prior: jax.Array,
+    predicted_labels: jax.Array,
+    valid: jax.Array | None,
+    num_classes: int,
+    momentum: float,
+) -> jax.Array:
+    """[reconstructed] The running class prior: r <- m r + (1 - m) shares of the predictions.
+
+    shares_c = #(valid pixels predicted c) / #(valid pixels); a step with no valid pixel leaves
+    r unchanged. A prior that sums to 1 keeps summing to 1.
+
+    Args:
+      prior: [K] the current prior r.
+      predicted_labels: int [...] the teacher's argmax predictions; ids outside
+        [0, num_classes) are not counted.
+      valid: optional bool [...] (e.g. pixels inside the image); None counts every pixel.
+      num_classes: K.
+      momentum: m, the weight of the old prior.
+
+    Returns:
+      [K] the new prior, without gradient.
+    """
+    dtype = _float_dtype(prior)
+    prior = jax.lax.stop_gradient(jnp.asarray(prior, dtype))
+    labels = jnp.asarray(predicted_labels, jnp.int32)
+    keep = (labels >= 0) & (labels < num_classes)
+    if valid is not None:
+        keep = keep & jnp.asarray(valid, bool)
+    onehot = jax.nn.one_hot(jnp.where(keep, labels, 0), num_classes, dtype=dtype)
+    counts = jnp.sum(onehot * keep[..., None].astype(dtype), axis=tuple(range(labels.ndim)))
+    total = jnp.sum(counts)
+    shares = counts / jnp.maximum(total, 1.0)
+    updated = prior * momentum + shares * (1.0 - momentum)
+    return jnp.where(total > 0, updated, prior)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bank contrast [released: CustomModel.contrastive]
+
+
+def bank_contrast(
+    feats: jax.Array,
+    labels: jax.Array,
+    bank: jax.Array,
+    bank_labels: jax.Array,
+    temperature: float = TEMPERATURE,
+    valid: jax.Array | None = None,
+    bank_valid: jax.Array | None = None,
+) -> jax.Array:
+    """The released contrast of one image's anchors against the feature queue.
+
+        s_ij = f_i . b_j / T;  P(i) = {j: y_i == y_j},  N(i) = the rest
+        l_i = -sum_{j in P(i)} [s_ij - log(exp(s_ij) + sum_{n in N(i)} exp(s_in))]
+              / (|P(i)| + 1e-5)
+        L = mean over anchors of l_i
+
+    Args:
+      feats: [N, D] anchors (the released L2-normalised student features; the gradient flows
+        here).
+      labels: int [N] the anchors' labels (compared by value, ignore labels included).
+      bank: [L, D] the queue rows (constants).
+      bank_labels: int [L] the queue's labels.
+      temperature: T (the released `opt.temperature`, 0.08).
+      valid: optional bool [N]; the mean runs over the valid anchors (released: all).
+      bank_valid: optional bool [L]; invalid rows are neither positives nor negatives
+        (released: the loss runs only once the queue is full).
+
+    Returns:
+      scalar; 0 when no anchor is valid. The released batch loss is the mean over images.
+    """
+    dtype = _float_dtype(feats)
+    feats = jnp.asarray(feats, dtype)
+    bank = jax.lax.stop_gradient(jnp.asarray(bank, dtype))
+    num, length = feats.shape[0], bank.shape[0]
+    ok = jnp.ones(num, bool) if valid is None else jnp.asarray(valid, bool)
+    bank_ok = jnp.ones(length, bool) if bank_valid is None else jnp.asarray(bank_valid, bool)
+    logits = jnp.matmul(feats, bank.T, precision=_HIGHEST) / temperature  # [N, L]
+    logits = jnp.where(bank_ok[None, :], logits, 0.0)  # no inf * 0 in the masked gradient
+    same = jnp.asarray(labels, jnp.int32)[:, None] == jnp.asarray(bank_labels, jnp.int32)[None, :]
+    pos = same & bank_ok[None, :]
+    neg = ~same & bank_ok[None, :]
+    # The released detached row maximum; it cancels in log_prob and keeps exp() in range.
+    top = jnp.max(jnp.where(bank_ok[None, :], logits, -jnp.inf), axis=1, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    shifted = logits - top
+    exp = jnp.exp(jnp.where(bank_ok[None, :], shifted, -jnp.inf))
+    neg_sum = jnp.sum(jnp.where(neg, exp, 0.0), axis=1, keepdims=True)
+    # Entries that are not positives are dropped below; a 1 in their log keeps 1 / 0 out of the
+    # gradient.
+    log_prob = shifted - jnp.log(jnp.where(pos, exp + neg_sum, 1.0))
+    num_pos = jnp.sum(pos, axis=1).astype(dtype)
+    per_anchor = -jnp.sum(jnp.where(pos, log_prob, 0.0), axis=1) / (num_pos + CONTRAST_EPS)
+    count = jnp.sum(ok).astype(dtype)
+    return jnp.sum(jnp.where(ok, per_anchor, 0.0)) / jnp.maximum(count, 1.0)
