@@ -14,23 +14,12 @@ import pytest
 
 from pgpc_jax.losses import cpsl
 from tests import numpy_cpsl as ref
+from tests.losses_cpsl_test import _directional_check
 
 
 @functools.cache
 def _jitted(name, **static):
     return jax.jit(functools.partial(getattr(cpsl, name), **static))
-
-
-def _directional_check(f, x, seed):
-    # Central differences along 3 random directions against the autodiff gradient.
-    _, grad = f(x)
-    grad = np.asarray(grad)
-    assert np.abs(grad).max() > 1e-3
-    rng, step = np.random.default_rng(seed), 1e-5
-    for _ in range(3):
-        v = rng.normal(size=x.shape)
-        numeric = (float(f(x + step * v)[0]) - float(f(x - step * v)[0])) / (2 * step)
-        np.testing.assert_allclose(numeric, np.sum(grad * v), rtol=1e-6, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------
