@@ -6,11 +6,18 @@ with the method as the config's argument (default PGPC):
   python -m pgpc_jax.main --config configs/gta2cs.py:daformer --workdir runs/gta2cs_daformer
   python -m pgpc_jax.main --config configs/gta2cs.py:source_only --workdir runs/gta2cs_so
   python -m pgpc_jax.main --config configs/gta2cs.py:sepico --workdir runs/gta2cs_sepico
+  python -m pgpc_jax.main --config configs/gta2cs.py:fda --workdir runs/gta2cs_fda_b01 \
+      --config.fda.beta=0.01            # FDA's three models: beta 0.01, 0.05, 0.09
+  python -m pgpc_jax.main --config configs/gta2cs.py:fda --workdir runs/gta2cs_fda_dacs \
+      --config.fda.with_dacs=True       # FDA's styling inside DAFormer self-training
+  python -m pgpc_jax.main --config configs/gta2cs.py:fda_sst --workdir runs/gta2cs_fda_sst
+                                        # a self-training round on folder/pseudo_labels
 
-Methods: `pgpc_jax.methods.METHODS`. PGPC trains 60k iterations as released; DAFormer, SePiCo
-and the source-only baseline 40k, as released. SePiCo also takes its released data setting
-(`with_sepico_data`): 640x640 source crops, the whole 1280x640 Cityscapes image as the target
-(cropped on device by the class-balanced crop), testing at 1280x640, seed 76.
+Methods: `pgpc_jax.methods.METHODS` and their recipes (`fda_sst`). PGPC trains 60k iterations
+as released; DAFormer, SePiCo, FDA and the source-only baseline 40k (DAFormer's schedule).
+SePiCo also takes its released data setting (`with_sepico_data`): 640x640 source crops, the
+whole 1280x640 Cityscapes image as the target (cropped on device by the class-balanced crop),
+testing at 1280x640, seed 76.
 """
 
 from configs import base
@@ -53,7 +60,7 @@ def with_method(config, method: str | None):
     if config.method == "sepico":
         with_sepico_data(config)
         config.seed = SEPICO_SEED
-    return config
+    return base.with_pseudo_label_target(config)
 
 
 def get_config(method: str | None = None):

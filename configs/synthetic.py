@@ -5,6 +5,9 @@ on a CPU in minutes, with the method as the config's argument (default PGPC):
   python -m pgpc_jax.main --config configs/synthetic.py:daformer --workdir runs/synthetic_daformer
   python -m pgpc_jax.main --config configs/synthetic.py:source_only --workdir runs/synthetic_so
   python -m pgpc_jax.main --config configs/synthetic.py:sepico --workdir runs/synthetic_sepico
+  python -m pgpc_jax.main --config configs/synthetic.py:fda --workdir runs/synthetic_fda \
+      --config.fda.beta=0.05
+  python -m pgpc_jax.main --config configs/synthetic.py:fda_sst --workdir runs/synthetic_fda_sst
 
 Every method trains 600 steps.
 """
@@ -76,4 +79,4 @@ def get_config(method: str | None = None):
         # released (a BankCL run's 200 centroids per class span the last third of the run).
         config.data.target.crop_size = (128, 256)
         config.sepico.start_step = 45
-    return config
+    return base.with_pseudo_label_target(config)

@@ -16,7 +16,8 @@ from pgpc_jax.train_step import make_train_step
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # The methods with a config group (and a method state) of their own.
-GROUPS = ("pgpc", "sepico")
+GROUPS = ("pgpc", "sepico", "fda")
+WITH_STATE = ("pgpc", "sepico")
 BENCHMARKS = {
     "gta2cs": gta2cs,
     "synthia2cs": synthia2cs,
@@ -43,7 +44,7 @@ def test_config_builds_abstractly(benchmark, method):
     make_train_step(config, model, optimizer)  # validates the method's settings
     module = methods.get(method)
     assert (state.teacher_params is None) == (not module.needs_teacher(config))
-    assert (state.method_state is not None) == (method in GROUPS)
+    assert (state.method_state is not None) == (method in WITH_STATE)
     # Each method owns its group; no other method's group is present.
     assert [m for m in methods.METHODS if m in config] == ([method] if method in GROUPS else [])
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "method_runs.json")
-RUNS = ("source_only", "daformer", "pgpc", "pgpc_cluda", "sepico")
+RUNS = ("source_only", "daformer", "pgpc", "pgpc_cluda", "sepico", "fda")
 STEPS = 5
 
 
@@ -52,6 +52,10 @@ def run_config(name: str):
         config.sepico.channels = 16
         config.sepico.variant = "bank"
         config.sepico.bank_length = 3
+    if config.method == "fda":
+        # A window of b = 3 on the 32x32 crops, the entropy from step 2 of 5.
+        config.fda.beta = 0.1
+        config.fda.entropy_start_step = 2
     return config
 
 

@@ -14,6 +14,8 @@ and, optionally:
 
   start_steps(config)        {parameter path prefix: first step}: parameters the optimizer
                              leaves alone before that step (a head out of every backward pass)
+  RECIPES                    {recipe name: configure(config)}: named settings of the method,
+                             chosen like a method (`configs/gta2cs.py:fda_sst`)
 
 The generic step (`train_step.py`) looks the method up once, in Python, at trace time.
 """
@@ -24,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from pgpc_jax import optim
-from pgpc_jax.methods import daformer, pgpc, sepico, source_only
+from pgpc_jax.methods import daformer, fda, pgpc, sepico, source_only
 from pgpc_jax.models import segmentor
 
 METHODS: dict[str, ModuleType] = {
@@ -32,8 +34,15 @@ METHODS: dict[str, ModuleType] = {
     "daformer": daformer,
     "pgpc": pgpc,
     "sepico": sepico,
+    "fda": fda,
 }
 DEFAULT = "pgpc"
+# Recipe name -> (method name, configure): a method's named settings (its module's `RECIPES`).
+RECIPES: dict[str, tuple[str, Any]] = {
+    recipe: (name, configure)
+    for name, module in METHODS.items()
+    for recipe, configure in getattr(module, "RECIPES", {}).items()
+}
 
 
 def get(name: str) -> ModuleType:
@@ -43,13 +52,25 @@ def get(name: str) -> ModuleType:
     return METHODS[name]
 
 
+def names() -> list[str]:
+    """Every name a config takes as its argument: the methods and their recipes."""
+    return [*METHODS, *RECIPES]
+
+
 def configure(config, name: str | None = None):
-    """Make `config` (a benchmark config) train method `name` (default PGPC): sets
-    `config.method` and lets the method add its group and recipe. Returns `config`."""
+    """Make `config` (a benchmark config) train method or recipe `name` (default PGPC): sets
+    `config.method` (a recipe's method) and lets the method add its group and recipe. Returns
+    `config`."""
     name = name or DEFAULT
-    method = get(name)
+    if name in RECIPES:
+        method_name, configure_recipe = RECIPES[name]
+        config.method = method_name
+        configure_recipe(config)
+        return config
+    if name not in METHODS:
+        raise ValueError(f"method={name!r}: expected one of {', '.join(names())}")
     config.method = name
-    method.configure(config)
+    METHODS[name].configure(config)
     return config
 
 
