@@ -10,6 +10,11 @@
       --images cityscapes/leftImg8bit/val --labels cityscapes/gtFine/val \
       --image-suffix _leftImg8bit.png --label-suffix _gtFine_labelTrainIds.png \
       --resize 1024,512 --cityscapes-eval --out eval_out/
+  # An ensemble (FDA's multi-band evaluation): the mean of the models' softmax
+  python -m pgpc_jax.evaluate --config configs/gta2cs.py \
+      --weights runs/fda_b001 runs/fda_b005 runs/fda_b009 --images cityscapes/leftImg8bit/val \
+      --labels cityscapes/gtFine/val --image-suffix _leftImg8bit.png \
+      --label-suffix _gtFine_labelTrainIds.png --resize 1024,512 --out eval_out/
 
 Images are found recursively under --images; each is matched to the label
 `<labels>/<same sub-folder>/<stem><label-suffix>`, where the stem is the file name without
@@ -19,7 +24,11 @@ Images are found recursively under --images; each is matched to the label
 The protocol is DAFormer's (`pgpc_jax.evaluation`): the image is normalised, optionally resized
 to --resize W,H (bilinear, in float), the logits are brought back to the label size, and the
 dataset-accumulated mIoU is reported with the per-class table; `--mode slide` uses sliding
-windows of the config's `eval.crop_size` / `eval.stride`. With --out, the metrics are written to
+windows of the config's `eval.crop_size` / `eval.stride`. Several --weights (after one --weights,
+as a comma list or as repeated flags; the same --weights-format and --which for all, each
+describing the config's model) are evaluated as an ensemble: the argmax of the mean of their
+softmax outputs (`evaluation.ensemble_probabilities`; then the config's test-time class
+reweighting, if any); metrics.json then lists them under `weights`. With --out, the metrics are written to
 `<out>/metrics.json` and colour predictions of the first --num-visualizations images to
 `<out>/predictions/`.
 
@@ -237,11 +246,16 @@ def write_label_id_predictions(
     num_classes: int,
 ) -> None:
     """Predict each image of `pairs` as `evaluation.evaluate` does (same inference, logits at the
-    label's size, argmax) and write it to the matching `paths` entry as Cityscapes label ids."""
+    label's size, argmax; a list of variable trees: their ensemble) and write it to the matching
+    `paths` entry as Cityscapes label ids."""
 
     @functools.partial(jax.jit, static_argnames="label_size")
     def predict_ids(variables, images, label_size):
-        if mode == "whole":
+        if evaluation.is_ensemble(variables):
+            logits = evaluation.ensemble_probabilities(
+                model, variables, images, mode, crop_size, stride, num_classes, label_size
+            )
+        elif mode == "whole":
             logits = evaluation.whole_inference(model, variables, images, label_size)
         else:
             logits = evaluation.slide_inference(
@@ -329,7 +343,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file(
         "config", None, "Config whose `model` and `eval` groups are used.", lock_config=True
     )
-    weights.define_flags()
+    weights.define_flags(multiple=True)
     flags.DEFINE_string("images", None, "Folder of images (searched recursively).")
     flags.DEFINE_string("labels", None, "Folder of train-id label PNGs, same sub-folders.")
     flags.DEFINE_string(
@@ -371,9 +385,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.weights or not FLAGS.images or not FLAGS.labels:
+    paths = weights.weights_paths(FLAGS.weights)
+    if FLAGS.config is None or not paths or not FLAGS.images or not FLAGS.labels:
         raise app.UsageError(
-            "usage: evaluate --config CONFIG --weights PATH --images DIR --labels DIR [--out DIR]"
+            "usage: evaluate --config CONFIG --weights PATH [PATH ...] --images DIR --labels DIR "
+            "[--out DIR]"
         )
     config = FLAGS.config
     mode = FLAGS.mode or config.eval.mode
@@ -399,9 +415,14 @@ def main(argv: list[str]) -> None:
             results_dir = os.path.join(FLAGS.out, CITYSCAPES_RESULTS)
             gt_dir = FLAGS["cityscapes-gt"].value or FLAGS.labels
             files = cityscapes_files(pairs, FLAGS.images, gt_dir, results_dir)
-        model, variables = weights.load_model(
-            config.model, FLAGS.weights, FLAGS["weights-format"].value, FLAGS.which
-        )
+        if len(paths) == 1:
+            model, variables = weights.load_model(
+                config.model, paths[0], FLAGS["weights-format"].value, FLAGS.which
+            )
+        else:  # an ensemble: a list of variable trees
+            model, variables = weights.load_models(
+                config.model, paths, FLAGS["weights-format"].value, FLAGS.which
+            )
         start = time.time()
         crop_size, stride = tuple(config.eval.crop_size), tuple(config.eval.stride)
         metrics, table = evaluation.evaluate(
@@ -443,7 +464,8 @@ def main(argv: list[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(table)
-    print(f"{len(pairs)} images, mode {mode}, {seconds:.1f} s")
+    models = f", ensemble of {len(paths)} models" if len(paths) > 1 else ""
+    print(f"{len(pairs)} images, mode {mode}{models}, {seconds:.1f} s")
     if official:
         print(cityscapes_summary(metrics, len(gt_files)))
         print(f"wrote {len(pred_files)} label-id predictions to {results_dir}")
@@ -451,7 +473,8 @@ def main(argv: list[str]) -> None:
         os.makedirs(FLAGS.out, exist_ok=True)
         path = os.path.join(FLAGS.out, "metrics.json")
         info = dict(
-            weights=FLAGS.weights,
+            # One path as before; an ensemble's paths as a list.
+            weights=paths[0] if len(paths) == 1 else paths,
             weights_format=FLAGS["weights-format"].value,
             which=FLAGS.which,
             images=FLAGS.images,
@@ -470,7 +493,7 @@ def main(argv: list[str]) -> None:
 def cli() -> None:
     """The `pgpc-evaluate` command (`python -m pgpc_jax.evaluate`)."""
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=lambda argv: parse_flags(weights.gather_weights_arguments(argv)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ The protocol is DAFormer's (mmseg v0.16 as vendored in lhoyer/DAFormer):
     column are moved back to touch the border, the window logits summed and divided by the
     number of windows covering each pixel, then (rescale) resized to the label size.
   * The prediction is the argmax over classes (mmseg takes a softmax first; argmax is the same).
+  * Several models (an ensemble, `evaluate` given a list of variable trees): the argmax of the
+    mean of their softmax outputs, taken at the input size and resized to the label size
+    (`ensemble_probabilities`), as FDA's multi-band evaluation (`evaluation_multi.py`) averages
+    its three models. One model keeps the path above.
   * mIoU is mmseg `mean_iou`: intersection and union accumulated over the whole dataset, one
     IoU per class (NaN when the class is neither in the labels nor in the predictions), then the
     nanmean over classes. cityscapesscripts `evalPixelLevelSemanticLabeling` gives the same
@@ -232,6 +236,63 @@ def slide_inference(
     return logits
 
 
+def ensemble_probabilities(
+    model: segmentor.Segmentor,
+    variables_list: Sequence[Mapping],
+    images: jax.Array,
+    mode: str = "whole",
+    crop: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+    num_classes: int | None = None,
+    label_size: Sequence[int] | None = None,
+    class_weights: Sequence[float] | None = None,
+    windows_per_call: int = 1,
+) -> jax.Array:
+    """The mean of several models' softmax outputs (an ensemble, weights 1/N), at the label size.
+
+    As FDA's multi-band prediction (`getSudoLabel_multi.py`, `evaluation_multi.py`): each
+    model's softmax is taken at the network's output, the mean over the models is formed there,
+    and the mean probabilities are resized to the label size. Here the network's output is the
+    logits at the input size (`whole_inference` / `slide_inference` without `label_size`, as
+    mmseg's `encode_decode` upsamples them) and the resize is the project's bilinear one
+    (align_corners=False); FDA resizes with align_corners=True and weights (0.3333, 0.3333,
+    0.3334) for its three models.
+
+    Args:
+      model: the segmentor (one architecture for every model).
+      variables_list: N variable trees {'params', 'batch_stats'}.
+      images: float32 [B, H, W, 3] normalised.
+      mode: 'whole' or 'slide' (windows of `crop` every `stride`).
+      crop, stride: (h, w) of the sliding windows.
+      num_classes: K (needed by 'slide').
+      label_size: (h, w) of the output; None keeps (H, W).
+      class_weights: K weights of the test-time reweighting (`class_weights_of`), multiplied
+        into the mean before the resize (as `reweight_scores` does for one model); None: none.
+      windows_per_call: see `sliding_window_logits`.
+
+    Returns:
+      float32 [B, h, w, K]: the mean probabilities (times `class_weights` when given).
+    """
+    if not variables_list:
+        raise ValueError("ensemble_probabilities: no models")
+    total = None
+    for variables in variables_list:
+        if mode == "whole":
+            logits = whole_inference(model, variables, images)
+        else:
+            logits = slide_inference(
+                model, variables, images, crop, stride, num_classes, None, windows_per_call
+            )
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        total = probs if total is None else total + probs
+    mean = total / len(variables_list)
+    if class_weights is not None:
+        mean = mean * jnp.asarray(class_weights, jnp.float32)
+    if label_size is not None:
+        mean = resize_bilinear(mean, tuple(label_size))
+    return mean
+
+
 @functools.lru_cache(maxsize=16)
 def _eval_step(
     model: segmentor.Segmentor,
@@ -242,12 +303,29 @@ def _eval_step(
     ignore_index: int,
     windows_per_call: int,
     class_weights: tuple[float, ...] | None = None,
+    ensemble: bool = False,
 ):
-    """jit (cm, variables, images, labels) -> (cm + batch counts, predictions [B, h, w])."""
+    """jit (cm, variables, images, labels) -> (cm + batch counts, predictions [B, h, w]); with
+    `ensemble`, `variables` is a tuple of variable trees (`ensemble_probabilities`)."""
 
     @jax.jit
     def step(cm, variables, images, labels):
         label_size = labels.shape[1:3]
+        if ensemble:
+            scores = ensemble_probabilities(
+                model,
+                variables,
+                images,
+                mode,
+                crop,
+                stride,
+                num_classes,
+                label_size,
+                class_weights,
+                windows_per_call,
+            )
+            pred = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+            return cm + confusion_matrix(pred, labels, num_classes, ignore_index), pred
         # With class weights, the scores are reweighted at the input size, then resized.
         out_size = label_size if class_weights is None else None
         if mode == "whole":
@@ -415,9 +493,14 @@ def save_visualizations(
     return len(keep)
 
 
+def is_ensemble(variables: Any) -> bool:
+    """Whether `variables` is a list / tuple of variable trees (an ensemble) rather than one."""
+    return isinstance(variables, (list, tuple))
+
+
 def evaluate(
     model: segmentor.Segmentor,
-    variables: Mapping,
+    variables: Mapping | Sequence[Mapping],
     batches: Iterable[Mapping[str, np.ndarray]],
     num_classes: int,
     mode: str = "whole",
@@ -439,7 +522,9 @@ def evaluate(
     an int32 cell could overflow, i.e. every 2^31 label pixels).
 
     Args:
-      model, variables: the segmentor and its (student or teacher) variables.
+      model, variables: the segmentor and its (student or teacher) variables; a list / tuple
+        of variable trees of that model evaluates their ensemble: the argmax of the mean of
+        their softmax outputs (`ensemble_probabilities`; times `class_weights` when given).
       batches: dicts with `image` float32 normalised [B, H, W, 3] and `label` int [B, h, w]
         train ids (the labels may be larger than the images, e.g. 1024×2048 for 512×1024).
         Under a multi-process mesh, each process gives its local part of the batch.
@@ -468,6 +553,10 @@ def evaluate(
         raise ValueError(f"eval mode={mode!r}: expected one of {MODES}")
     if num_visualizations and not visualization_dir and visualizations is None:
         raise ValueError("num_visualizations > 0 needs a visualization_dir or visualizations")
+    if is_ensemble(variables):
+        if not variables:
+            raise ValueError("evaluate: an empty list of variables")
+        variables = tuple(variables)
     names = tuple(class_names or _class_names(num_classes))
     mesh = mesh if mesh is not None else _mesh_of(variables)
     step = _eval_step(
@@ -479,6 +568,7 @@ def evaluate(
         ignore_index,
         windows_per_call,
         None if class_weights is None else tuple(float(w) for w in class_weights),
+        ensemble=is_ensemble(variables),
     )
     if class_weights is not None and len(class_weights) != num_classes:
         raise ValueError(f"{len(class_weights)} class weights for {num_classes} classes")

@@ -4,6 +4,7 @@
   model, variables = weights.load_model(config.model, "runs/gta2cs", "flax")  # a run: auto-detected
   model, variables = weights.load_model(config.model, "runs/gta2cs/best", "run", "ema_model")
   config, state, step = weights.load_run("runs/gta2cs", best=True)
+  model, [v1, v2] = weights.load_models(config.model, ["runs/a", "runs/b"])  # an ensemble
 
 Sources (`--weights` / `--weights-format` of `predict` and `evaluate`, `init_from` of a config):
 
@@ -39,7 +40,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -299,21 +300,35 @@ def load_model(
     return model, variables
 
 
-def define_flags() -> None:
-    """--weights, --weights-format and --which, as `predict` and `evaluate` take them."""
+def define_flags(multiple: bool = False) -> None:
+    """--weights, --weights-format and --which, as `predict` and `evaluate` take them.
+
+    Args:
+      multiple: --weights takes several paths (an ensemble: `evaluate`, `pseudo_label`), as
+        repeated flags, a comma list or paths after one --weights (`gather_weights_arguments`
+        turns the last form into the first); read them with `weights_paths(FLAGS.weights)`.
+        False (`predict`): one path, a plain string flag.
+    """
     from absl import flags
 
-    flags.DEFINE_string(
-        "weights",
-        None,
+    help_text = (
         "Weights: a Flax weights directory, a training run directory (RUN, RUN/best, "
-        "RUN/checkpoints/<step>) or a PyTorch / HF checkpoint.",
+        "RUN/checkpoints/<step>) or a PyTorch / HF checkpoint."
     )
+    if multiple:
+        flags.DEFINE_multi_string(
+            "weights",
+            None,
+            help_text + " Several (an ensemble: the mean of the models' softmax): "
+            "--weights W1 W2, --weights W1,W2 or --weights W1 --weights W2.",
+        )
+    else:
+        flags.DEFINE_string("weights", None, help_text)
     flags.DEFINE_enum(
         "weights-format",
         "flax",
         list(WEIGHT_FORMATS),
-        "Format of --weights; a run directory is recognised when left at flax.",
+        "Format of --weights (every one of them); a run directory is recognised when left at flax.",
     )
     flags.DEFINE_enum(
         "which",
@@ -322,3 +337,63 @@ def define_flags() -> None:
         "Network: the student ('model'), the EMA teacher ('ema_model': runs, DAFormer and SePiCo "
         "checkpoints) or DAFormer's ImageNet copy ('imnet_model').",
     )
+
+
+def gather_weights_arguments(argv: Sequence[str]) -> list[str]:
+    """`argv` with the paths that follow one --weights turned into repeated --weights flags.
+
+    absl reads `--weights W1 W2 W3` as --weights=W1 and two positional arguments; every argument
+    after a --weights value up to the next one that starts with '-' (or `--`, the end of the
+    flags) is read as one more --weights here. Only for commands without positional arguments.
+    """
+    argv = list(argv)
+    out, i = argv[:1], 1
+    while i < len(argv):
+        arg = argv[i]
+        out.append(arg)
+        i += 1
+        if arg == "--":
+            out += argv[i:]
+            break
+        if arg in ("--weights", "-weights") and i < len(argv):
+            out.append(argv[i])
+            i += 1
+        elif not arg.startswith(("--weights=", "-weights=")):
+            continue
+        while i < len(argv) and not argv[i].startswith("-"):
+            out.append(f"--weights={argv[i]}")
+            i += 1
+    return out
+
+
+def weights_paths(values: str | Sequence[str] | None) -> list[str]:
+    """The paths of a --weights flag: each value split at commas, empty parts dropped.
+
+    A path that holds a comma cannot be given (it is always a separator).
+    """
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [part for value in values for part in value.split(",") if part.strip()]
+
+
+def load_models(
+    model_cfg: Mapping, paths: Sequence[str], fmt: str = "flax", which: str = "model"
+) -> tuple[segmentor.Segmentor, list[dict]]:
+    """`load_model` for several weights of the same config's model (an ensemble).
+
+    Args:
+      model_cfg: the config's `model` group; every source must describe this model.
+      paths: the weights, each in format `fmt`, network `which`.
+
+    Returns:
+      (model, [variables of each path, in order]); the first error names its path.
+    """
+    if not paths:
+        raise WeightsError("--weights: no path given")
+    model, variables = None, []
+    for path in paths:
+        model, loaded = load_model(model_cfg, path, fmt, which)
+        variables.append(loaded)
+    return model, variables

@@ -87,6 +87,38 @@ def test_cli_end_to_end(tmp_path):
             assert saved["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
+def test_cli_ensemble_of_two_weights(tmp_path):
+    """`--weights W1,W2`: the argmax of the mean of both models' softmax, the paths listed in
+    metrics.json."""
+    cfg = tiny.get_config().model.to_dict()
+    model = build_segmentor(cfg)
+    paths, variables = [], []
+    for seed in (0, 1):
+        v = init_variables(model, jax.random.key(seed))
+        paths.append(str(tmp_path / f"weights{seed}"))
+        checkpointing.save_variables(paths[-1], v, cfg, {"classes": "cityscapes"})
+        variables.append(v)
+    _dataset(tmp_path, [(24, 32)] * 2)
+    result = _run(
+        f"--weights={paths[0]},{paths[1]}",
+        f"--images={tmp_path / 'images'}",
+        f"--labels={tmp_path / 'labels'}",
+        "--image-suffix=_leftImg8bit.png",
+        "--label-suffix=_gt.png",
+        f"--out={tmp_path / 'out'}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 images, mode whole, ensemble of 2 models" in result.stdout
+    saved = json.loads(open(tmp_path / "out" / "metrics.json").read())
+    assert saved["weights"] == paths
+    pairs = evaluate.find_pairs(
+        str(tmp_path / "images"), str(tmp_path / "labels"), "_leftImg8bit.png", "_gt.png"
+    )
+    metrics, _ = evaluation.evaluate(model, variables, evaluate.iterate_batches(pairs, 1), 19)
+    assert saved["metrics"]["eval/num_pixels"] == 2 * 18 * 32
+    assert saved["metrics"]["eval/miou"] == pytest.approx(metrics["eval/miou"], rel=1e-6)
+
+
 def test_cli_reports_missing_label(tmp_path):
     _dataset(tmp_path, [(16, 16)] * 2)
     os.remove(tmp_path / "labels/city/c_01_gt.png")

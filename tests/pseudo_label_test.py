@@ -1,0 +1,362 @@
+"""The pseudo-label command (`pgpc_jax/pseudo_label.py`) and the ensemble evaluation: the command
+end to end on generated images with two tiny models (PNG ids, ignore, summary, classes.json, a
+folder build of the output), the exact thresholds on a hand-made confidence list and against
+`uda/class_thresholds.py`, the ensemble as the mean of the models' softmax, the styled and
+grayscale inputs, the `--weights W1 W2` argument forms, and bad input as one `error:` line."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from data_pipelines import build, folder, sources, transforms
+from pgpc_jax import checkpointing, evaluation, predict, pseudo_label, weights
+from pgpc_jax.models import segmentor
+from pgpc_jax.models.layers import resize_bilinear
+from pgpc_jax.uda import class_thresholds, fourier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = (24, 32)  # (H, W) of the generated target images
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two Flax weights directories of the tiny config's model (different random weights)."""
+    cfg = tiny.get_config().model.to_dict()
+    model = segmentor.build_segmentor(cfg)
+    root = tmp_path_factory.mktemp("weights")
+    paths, variables = [], []
+    init = jax.jit(lambda key: segmentor.init_variables(model, key))  # one compile for both
+    for seed in (0, 1):
+        v = init(jax.random.key(seed))
+        path = str(root / f"m{seed}")
+        checkpointing.save_variables(path, v, cfg, {"classes": "cityscapes"})
+        paths.append(path)
+        variables.append(v)
+    return paths, model, variables
+
+
+def _images(root, names=("city/a.png", "city/b.png", "other/c.png"), size=SIZE, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in names:
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Smooth blobs plus noise: the models' predictions vary over the image.
+        base = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
+        image = np.asarray(Image.fromarray(base).resize(size[::-1], Image.BILINEAR), np.int32)
+        image = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(path)
+        out[name] = image
+    return out
+
+
+def _env():
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1",
+    }
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pgpc_jax.pseudo_label", "--config", "configs/tiny.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+
+
+def test_command_end_to_end(two_models, tmp_path):
+    paths, model, variables = two_models
+    images = _images(tmp_path / "target")
+    out = tmp_path / "out"
+    # `--weights W1 W2`: two paths after one flag.
+    result = _run("--weights", *paths, f"--images={tmp_path / 'target'}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert "pseudo-labelling 3/3 images" in result.stderr and "images/s" in result.stderr
+    assert "| **ignored (255)**" in result.stdout and "2 model(s)" in result.stdout
+
+    summary = json.loads((out / pseudo_label.SUMMARY_FILE).read_text())
+    assert summary["models"] == paths and summary["num_images"] == 3
+    assert summary["num_pixels"] == 3 * SIZE[0] * SIZE[1]
+    names = list(summary["thresholds"])
+    assert len(names) == 19 and names[0] == "road"
+    counts = np.zeros(256, np.int64)
+    for name, image in images.items():
+        copied = np.asarray(Image.open(out / "train" / "images" / name))
+        np.testing.assert_array_equal(copied, image)  # a copy, not a link
+        assert not os.path.islink(out / "train" / "images" / name)
+        label = np.asarray(Image.open(out / "train" / "labels" / name))
+        assert label.dtype == np.uint8 and label.shape == SIZE
+        assert set(np.unique(label)) <= set(range(19)) | {255}
+        counts += np.bincount(label.ravel(), minlength=256)
+    assert counts[255] > 0 and counts[:19].sum() > 0
+    assert summary["ignored_pixels"] == counts[255]
+    assert summary["ignored_share"] == pytest.approx(counts[255] / counts.sum())
+    for c, name in enumerate(names):
+        assert summary["kept_pixels"][name] == counts[c], name
+        predicted = summary["predicted_pixels"][name]
+        if predicted == 0:  # an absent class: threshold 0, no share
+            assert summary["thresholds"][name] == 0.0 and summary["kept_share"][name] is None
+        else:
+            assert summary["kept_share"][name] == pytest.approx(counts[c] / predicted)
+            # At least the pixels from the 66 % index up are kept.
+            assert counts[c] >= predicted - class_thresholds.order_index(predicted)
+    assert sum(summary["predicted_pixels"].values()) == counts.sum()
+
+    # The same labels in process: the mean softmax of both models, the released rule.
+    labeller = pseudo_label.make_labeller(model)
+    predicted = [
+        labeller(variables, predict.normalize(images[name]), SIZE) for name in sorted(images)
+    ]
+    labels, conf = (np.stack(x) for x in zip(*predicted))
+    want = class_thresholds.class_thresholds(labels, conf, 19)
+    np.testing.assert_array_equal(list(summary["thresholds"].values()), want)
+    pseudo = np.asarray(class_thresholds.apply_thresholds(labels, conf, want))
+    for i, name in enumerate(sorted(images)):
+        written = np.asarray(Image.open(out / "train" / "labels" / name))
+        np.testing.assert_array_equal(written, pseudo[i])
+
+    # classes.json as the folder builder reads it, and the output builds as a training split.
+    names_read, id_map = folder.read_class_table(str(out / "classes.json"))
+    assert list(names_read) == names and id_map == {i: i for i in range(19)}
+    status = build.main(
+        ["--dataset", "folder", "--manual_dir", str(out), "--data_dir", str(tmp_path / "tfds"),
+         "--name", "pseudo"]
+    )  # fmt: skip
+    assert status == 0
+    split = sources.open_split(str(tmp_path / "tfds"), "folder/pseudo", "train")
+    assert len(split) == 3
+    built = sorted(np.bincount(split[i]["label"].ravel(), minlength=256)[255] for i in range(3))
+    assert sum(built) == counts[255]
+
+
+def _hand_made():
+    """Labels and float32 confidences of 5 classes (class 2 absent), shuffled."""
+    groups = {
+        0: np.arange(1, 26) / 100.0,  # n = 25: index round(16.5) = 16 (half to even): 0.17
+        1: np.array([0.97, 0.99, 0.95]),  # index 2: 0.99, capped at 0.9
+        3: np.array([0.5, 0.3, 0.3, 0.8]),  # index round(2.64) = 3: 0.8 (ties below it)
+        4: np.full(10, 0.25),  # all equal: index 7: 0.25
+    }
+    labels = np.concatenate([np.full(len(v), c) for c, v in groups.items()])
+    conf = np.concatenate(list(groups.values())).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(labels))
+    return labels[order], conf[order]
+
+
+def test_thresholds_of_a_hand_made_confidence_list():
+    labels, conf = _hand_made()
+    chunks = [(labels[:20], conf[:20]), (labels[20:], conf[20:])]
+    histogram = sum(pseudo_label.class_histogram(a, b, 5) for a, b in chunks)
+    got = pseudo_label.exact_thresholds(histogram, lambda: chunks)
+    want = np.float32([0.17, 0.9, 0.0, 0.8, 0.25]).astype(np.float64)
+    want[1] = 0.9  # the cap, in float64
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, class_thresholds.class_thresholds(labels, conf, 5))
+    # Another quantile and cap: index round(12.5) = 12 -> 0.13; class 1's 0.99 capped at 0.98.
+    other = pseudo_label.exact_thresholds(histogram, lambda: chunks, quantile=0.5, cap=0.98)
+    np.testing.assert_array_equal(
+        other, class_thresholds.class_thresholds(labels, conf, 5, fraction=0.5, cap=0.98)
+    )
+    assert other[0] == np.float32(0.13) and other[1] == 0.98
+    # The 255 rule: below its class's threshold (strictly) -> ignored.
+    pseudo = np.asarray(class_thresholds.apply_thresholds(labels, conf, got))
+    keep = conf.astype(np.float64) >= got[labels]  # the release compares in float64
+    np.testing.assert_array_equal(pseudo, np.where(keep, labels, 255))
+    assert (pseudo == 0).sum() == 25 - 16 and (pseudo == 1).sum() == 3 and (pseudo == 4).sum() == 10
+
+
+def test_thresholds_equal_the_released_ones_on_random_predictions():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, (4, 50, 60))
+    # Coarse values (many ties, some over the cap) and fine ones.
+    conf = np.where(
+        rng.random(labels.shape) < 0.5,
+        rng.integers(0, 20, labels.shape) / 19.0,
+        rng.random(labels.shape),
+    ).astype(np.float32)
+    labels[labels == 5] = 4  # class 5 absent
+    histogram = sum(pseudo_label.class_histogram(a, b, 6) for a, b in zip(labels, conf))
+    assert histogram.shape == (6, pseudo_label.NUM_BINS) and histogram.sum() == labels.size
+    got = pseudo_label.exact_thresholds(histogram, lambda: zip(labels, conf))
+    np.testing.assert_array_equal(got, class_thresholds.class_thresholds(labels, conf, 6))
+    for quantile, cap in ((0.9, 0.95), (0.1, 0.5), (1.0, 1.0), (0.0, 0.9)):
+        got = pseudo_label.exact_thresholds(
+            histogram, lambda: zip(labels, conf), quantile=quantile, cap=cap
+        )
+        want = class_thresholds.class_thresholds(labels, conf, 6, fraction=quantile, cap=cap)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_ensemble_is_the_mean_of_the_models_softmax(two_models):
+    _, model, variables = two_models
+    rng = np.random.default_rng(2)
+    images = predict.normalize(rng.integers(0, 256, (2, 16, 24, 3), dtype=np.uint8))
+    labels = rng.integers(0, 19, (2, 20, 28)).astype(np.int32)  # labels larger than the input
+
+    @jax.jit
+    def softmax(v, x):  # one model's softmax at the input size, as mmseg's encode_decode
+        return jax.nn.softmax(segmentor.predict_logits(model, v, x), axis=-1)
+
+    probs = [np.asarray(softmax(v, images)) for v in variables]
+    assert np.abs(probs[0] - probs[1]).max() > 1e-3  # two different models
+    mean = np.asarray(resize_bilinear(jnp.asarray((probs[0] + probs[1]) / 2), (20, 28)))
+    # evaluate(): the ensemble's confusion matrix is that of the mean's argmax.
+    batch = [{"image": images, "label": labels}]
+    metrics, _ = evaluation.evaluate(model, list(variables), batch, 19)
+    cm = evaluation.confusion_matrix(jnp.asarray(mean.argmax(-1)), jnp.asarray(labels), 19)
+    want = evaluation.metrics_from_confusion(np.asarray(cm, np.int64))
+    want["eval/num_pixels"] = float(labels.size)
+    assert metrics.keys() == want.keys()
+    for key, value in want.items():
+        np.testing.assert_equal(metrics[key], value)
+    # The labeller: argmax and max of the same mean.
+    lab, conf = pseudo_label.make_labeller(model)(variables, images[0], (20, 28))
+    np.testing.assert_array_equal(lab, mean[0].argmax(-1))
+    np.testing.assert_allclose(conf, mean[0].max(-1), rtol=1e-6)
+
+
+def test_styling_and_grayscale_inputs():
+    rng = np.random.default_rng(3)
+    target = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    style = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    style[..., 0] //= 4  # a darker red channel: another mean (the amplitude at frequency 0)
+    plain = predict.normalize(target)
+    np.testing.assert_array_equal(pseudo_label.network_input(target), plain)
+    # A style image equal to the target leaves it unchanged.
+    same = pseudo_label.network_input(target, style=target, beta=0.1, window="numpy")
+    np.testing.assert_allclose(same, plain, atol=2e-4)
+    # Another one: the target's phase, the style's low frequencies (resized to the target).
+    styled = pseudo_label.network_input(target, style=style, beta=0.1, window="numpy")
+    assert np.abs(styled - plain).max() > 0.1
+    resized = transforms.resize_image(style, 30, 20)
+    raw = fourier.fda_source_to_target(
+        jnp.asarray(target, jnp.float32)[None], jnp.asarray(resized, jnp.float32)[None], 0.1
+    )
+    np.testing.assert_allclose(styled, predict.normalize(np.asarray(raw[0])), atol=1e-5)
+    pixels = styled * predict.STD + predict.MEAN
+    np.testing.assert_allclose(pixels.mean((0, 1)), resized.mean((0, 1)), atol=1e-2)
+    # Grayscale: the BT.601 luma in every channel (after the styling, before normalising).
+    gray = pseudo_label.network_input(target, grayscale=True) * predict.STD + predict.MEAN
+    luma = target.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    for channel in range(3):
+        np.testing.assert_allclose(gray[..., channel], luma, atol=1e-3)
+    both = pseudo_label.network_input(target, style=style, beta=0.1, grayscale=True)
+    np.testing.assert_allclose(
+        both * predict.STD + predict.MEAN, pseudo_label.to_grayscale(pixels), atol=1e-3
+    )
+    # --resize first: the style is brought to the network input size.
+    small = pseudo_label.network_input(target, (15, 10), style=style, beta=0.1)
+    assert small.shape == (10, 15, 3)
+    # The draw of style images is the seed's.
+    a = pseudo_label.style_indices(50, 7, seed=0)
+    np.testing.assert_array_equal(a, pseudo_label.style_indices(50, 7, seed=0))
+    assert (
+        a.min() >= 0 and a.max() < 7 and not np.array_equal(a, pseudo_label.style_indices(50, 7, 1))
+    )
+
+
+def test_weights_argument_forms():
+    gather = weights.gather_weights_arguments
+    argv = ["prog", "--weights", "a", "b", "--images", "d", "--weights=c", "e", "--out=o"]
+    assert gather(argv) == [
+        "prog", "--weights", "a", "--weights=b", "--images", "d", "--weights=c", "--weights=e",
+        "--out=o",
+    ]  # fmt: skip
+    assert gather(["prog", "--weights=a", "--", "b"]) == ["prog", "--weights=a", "--", "b"]
+    assert weights.weights_paths(["a,b", "c", ""]) == ["a", "b", "c"]
+    assert weights.weights_paths("a") == ["a"] and weights.weights_paths(None) == []
+
+
+def _options(tmp_path, **kw):
+    base = dict(images=str(tmp_path / "target"), out=str(tmp_path / "out"), weights=("w",))
+    return pseudo_label.Options(**{**base, **kw})
+
+
+def _fails(capsys, options, message):
+    """`execute` exits with 2 after one `error:` line matching `message`."""
+    assert pseudo_label.execute(options, tiny.get_config()) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_bad_input_is_one_error_line_and_nothing_is_written(two_models, tmp_path, capsys):
+    paths, _, _ = two_models
+    _fails(capsys, _options(tmp_path), r"--images=.*target: not a directory")
+    os.makedirs(tmp_path / "target")
+    (tmp_path / "target" / "notes.txt").write_text("not an image")
+    _fails(capsys, _options(tmp_path), "--images=.*: no images")
+    _images(tmp_path / "target", ("a.png",))
+    _images(tmp_path / "target", ("b.png",), size=(24, 40))
+    _fails(capsys, _options(tmp_path), "a.png is 32x24 but b.png is 40x24: give --resize")
+    plan = pseudo_label.check_inputs(_options(tmp_path, resize=(32, 24)), tiny.get_config())
+    assert plan.images == ("a.png", "b.png") and plan.sizes == ((24, 32), (24, 40))
+    _images(tmp_path / "target", ("a.jpg",))
+    _fails(capsys, _options(tmp_path, resize=(32, 24)), "share the label file a.png")
+    os.remove(tmp_path / "target" / "a.jpg")
+    nope = str(tmp_path / "nope")
+    _fails(
+        capsys,
+        _options(tmp_path, resize=(32, 24), style_images=nope),
+        "--style-images=.*nope: not a directory",
+    )
+    _fails(capsys, _options(tmp_path, resize=(32, 24), quantile=1.5), "--quantile=1.5")
+    # Weights that do not load: the path is named (after the first one loaded).
+    missing = str(tmp_path / "missing_weights")
+    _fails(capsys, _options(tmp_path, resize=(32, 24), weights=(paths[0], missing)), missing)
+    _fails(
+        capsys,
+        _options(tmp_path, resize=(32, 24), out=str(tmp_path / "target" / "o")),
+        "inside --images",
+    )
+    assert sorted(os.listdir(tmp_path)) == ["target"]  # no --out anywhere
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "x").write_text("")
+    _fails(capsys, _options(tmp_path, resize=(32, 24)), "--out=.*out: not empty")
+    assert os.listdir(tmp_path / "out") == ["x"]
+
+
+def test_writing_pass_with_linked_images(tmp_path):
+    """The third pass on stored predictions: links, the 255 rule, classes.json; no model."""
+    _images(tmp_path / "target", ("x/a.jpg", "b.png"))
+    options = _options(tmp_path, symlink_images=True)
+    plan = pseudo_label.check_inputs(options, tiny.get_config())
+    assert plan.images == ("b.png", os.path.join("x", "a.jpg"))
+    rng = np.random.default_rng(4)
+    stored = tmp_path / "stored"
+    os.makedirs(stored)
+    labels = rng.integers(0, 3, (2, *SIZE)).astype(np.uint8)
+    conf = rng.random((2, *SIZE)).astype(np.float32)
+    for i in range(2):
+        np.save(stored / f"{i:07d}_labels.npy", labels[i])
+        np.save(stored / f"{i:07d}_conf.npy", conf[i])
+    thresholds = np.array([0.5, 0.0, 0.9] + [0.0] * 16)
+    counts = pseudo_label.write_outputs(plan, thresholds, str(stored))
+    out = tmp_path / "out" / "train"
+    for i, rel in enumerate(plan.images):
+        image = out / "images" / rel
+        assert os.path.islink(image)
+        assert os.readlink(image) == os.path.abspath(tmp_path / "target" / rel)
+        label = np.asarray(Image.open(out / "labels" / pseudo_label.label_name(rel)))
+        drop = conf[i].astype(np.float64) < thresholds[labels[i]]
+        np.testing.assert_array_equal(label, np.where(drop, 255, labels[i]))
+    assert os.path.isfile(out / "labels" / "x" / "a.png")
+    assert counts.sum() == 2 * SIZE[0] * SIZE[1] and counts[1] == (labels == 1).sum()
+    assert folder.read_class_table(str(tmp_path / "out" / "classes.json"))[0][2] == "building"
