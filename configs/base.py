@@ -167,15 +167,16 @@ def get_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config, type_safe=True)
 
 
-# FDA's self-training round (`:fda_sst`) trains on a pseudo-labelled target: the folder build of
-# `python -m pgpc_jax.pseudo_label`'s output, built under this name (`docs/data.md`).
+# FDA's self-training round (`:fda_sst`) and FDA + contrast (`:fda_supcon`) train on a
+# pseudo-labelled target: the folder build of `python -m pgpc_jax.pseudo_label`'s output, built
+# under this name (`docs/data.md`).
 PSEUDO_LABELS = "folder/pseudo_labels"
 
 
 def with_pseudo_label_target(config, dataset: str = PSEUDO_LABELS) -> ml_collections.ConfigDict:
     """The target stream of a self-training round: the pseudo-labelled build's train split (its
     labels are the pseudo-labels; override `data.target.dataset` for another build)."""
-    if config.method == "fda" and config.fda.self_training:
+    if config.method == "fda" and (config.fda.self_training or config.fda.contrast_weight > 0):
         config.data.target.dataset = dataset
         config.data.target.split = "train"
     return config

@@ -12,8 +12,10 @@ with the method as the config's argument (default PGPC):
       --config.fda.with_dacs=True       # FDA's styling inside DAFormer self-training
   python -m pgpc_jax.main --config configs/gta2cs.py:fda_sst --workdir runs/gta2cs_fda_sst
                                         # a self-training round on folder/pseudo_labels
+  python -m pgpc_jax.main --config configs/gta2cs.py:fda_supcon --workdir runs/gta2cs_supcon
+                                        # FDA + supervised contrast on folder/pseudo_labels
 
-Methods: `pgpc_jax.methods.METHODS` and their recipes (`fda_sst`). PGPC trains 60k iterations
+Methods: `pgpc_jax.methods.METHODS` and their recipes (`fda_sst`, `fda_supcon`). PGPC trains 60k iterations
 as released; DAFormer, SePiCo, FDA and the source-only baseline 40k (DAFormer's schedule).
 SePiCo also takes its released data setting (`with_sepico_data`): 640x640 source crops, the
 whole 1280x640 Cityscapes image as the target (cropped on device by the class-balanced crop),

@@ -8,6 +8,10 @@ on a CPU in minutes, with the method as the config's argument (default PGPC):
   python -m pgpc_jax.main --config configs/synthetic.py:fda --workdir runs/synthetic_fda \
       --config.fda.beta=0.05
   python -m pgpc_jax.main --config configs/synthetic.py:fda_sst --workdir runs/synthetic_fda_sst
+  python -m pgpc_jax.main --config configs/synthetic.py:fda_supcon --workdir runs/synthetic_supcon
+
+(`fda_sst` and `fda_supcon` train on the pseudo-labelled target `folder/pseudo_labels`:
+`docs/data.md`, "Pseudo-labels".)
 
 Every method trains 600 steps.
 """
@@ -79,4 +83,9 @@ def get_config(method: str | None = None):
         # released (a BankCL run's 200 centroids per class span the last third of the run).
         config.data.target.crop_size = (128, 256)
         config.sepico.start_step = 45
+    if config.method == "fda":
+        # The contrast's sample: a quarter of the 32x32 projection pixels of each 128x128 crop
+        # (the default 1024 of 128x128 at 512 crops); a projection as wide as the head.
+        config.fda.contrast_samples = 256
+        config.fda.contrast_channels = 64
     return base.with_pseudo_label_target(config)

@@ -193,3 +193,62 @@ def test_bad_settings_name_the_key(key, value, message):
     node[name] = value
     with pytest.raises(ValueError, match=message):
         fda.validate(config)
+
+
+def test_contrast_is_the_paired_supcon_of_the_target_and_its_source_styled_version():
+    """With as many samples as projection pixels the class-balanced sample takes every labelled
+    pixel, so the term is the formula over all of them (tests/losses_supcon_test.py's numpy
+    version), on the student's projections of the target and of the target styled by the source
+    of its batch position (numpy transfer)."""
+    from tests.losses_supcon_test import _numpy_supcon
+
+    run = _setup()
+    config = _config(contrast_weight=1.0, contrast_samples=64, contrast_channels=8)
+    config.fda.contrast_temperature = 0.5
+    model = methods.build_model(config)
+    variables = segmentor.init_variables(model, jax.random.key(0))
+    student = Student(model, variables["params"], variables.get("batch_stats", {}))
+    losses_of = methods.get("fda").make_losses(config)
+    keys = dacs.split_keys(jax.random.key(3))
+
+    @jax.jit
+    def step_and_views(styled):
+        ctx = Context(
+            src=run["src"],
+            tgt=run["tgt"],
+            step=jnp.int32(0),
+            rng=jax.random.key(3),
+            method_state=None,
+            student=Student(model, variables["params"], variables.get("batch_stats", {})),
+            teacher=None,
+            imnet=None,
+        )
+        losses, _, metrics = losses_of(ctx)
+        k_styled, _ = jax.random.split(keys.method)
+        view_a = student(run["tgt"]["image"], keys.mix_dropout)[fda.HEAD]
+        view_b = student.auxiliary(styled, k_styled)[fda.HEAD]
+        return losses, metrics, view_a, view_b
+
+    raw = lambda x: np.asarray(mixing.denormalize(x)) * 255.0  # noqa: E731
+    styled = np.stack(
+        [
+            ref.fda_source_to_target_np(t.transpose(2, 0, 1), s.transpose(2, 0, 1), 0.1)
+            for t, s in zip(raw(run["tgt"]["image"]), raw(run["src"]["image"]))
+        ]
+    ).transpose(0, 2, 3, 1)
+    styled = mixing.renormalize(jnp.asarray(styled / 255.0, jnp.float32))
+    losses, metrics, view_a, view_b = jax.device_get(step_and_views(styled))
+    assert view_a.shape == (2, 8, 8, 8)
+    labels = np.asarray(run["tgt"]["label"])[:, ::4, ::4].reshape(-1)
+    valid = labels != 255
+    want = _numpy_supcon(
+        view_a.reshape(-1, 8).astype(np.float64),
+        view_b.reshape(-1, 8).astype(np.float64),
+        labels,
+        valid,
+        0.5,
+        True,
+    )
+    np.testing.assert_allclose(losses["loss_contrast"], want, rtol=1e-4)
+    np.testing.assert_allclose(metrics["contrast_samples"], valid.mean())
+    assert sorted(losses) == ["loss_contrast", "loss_ent", "loss_src"]

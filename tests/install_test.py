@@ -27,6 +27,7 @@ SCRIPTS = (
     "pgpc-convert",
     "pgpc-export",
     "pgpc-build-data",
+    "pgpc-pseudo-label",
 )
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "method_runs.json")
-RUNS = ("source_only", "daformer", "pgpc", "pgpc_cluda", "sepico", "fda")
+RUNS = ("source_only", "daformer", "pgpc", "pgpc_cluda", "sepico", "fda", "fda_supcon")
 STEPS = 5
 
 
@@ -53,9 +53,12 @@ def run_config(name: str):
         config.sepico.variant = "bank"
         config.sepico.bank_length = 3
     if config.method == "fda":
-        # A window of b = 3 on the 32x32 crops, the entropy from step 2 of 5.
+        # A window of b = 3 on the 32x32 crops, the entropy from step 2 of 5; the contrast
+        # (fda_supcon) on 16 of the 64 projection pixels per image, 8 wide.
         config.fda.beta = 0.1
         config.fda.entropy_start_step = 2
+        config.fda.contrast_samples = 16
+        config.fda.contrast_channels = 8
     return config
 
 
@@ -63,6 +66,7 @@ def batches(n: int = STEPS, batch: int = 8, size: int = 32, seed: int = 0):
     """Fixed source / target batches: noise images, labels constant on each 32x32 image (so thing
     classes fill the feature distance's cells and ClassMix pastes whole regions)."""
     rng = np.random.default_rng(seed)
+    label_rng = np.random.default_rng(seed + 1000)
     out = []
     for _ in range(n):
         src = {
@@ -72,6 +76,11 @@ def batches(n: int = STEPS, batch: int = 8, size: int = 32, seed: int = 0):
             ).astype(np.int32),
         }
         tgt = {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32)}
+        # Pseudo-labels of the target (read by fda_supcon only), from a stream of their own so
+        # that the other draws stay as recorded: 4x4 blocks, the top quarter ignored.
+        blocks = label_rng.integers(0, 19, size=(batch, size // 4, size // 4))
+        tgt["label"] = np.kron(blocks, np.ones((1, 4, 4))).astype(np.int32)
+        tgt["label"][:, : size // 4] = 255
         out.append((src, tgt))
     return out
 

@@ -62,7 +62,8 @@ def _run(name: str) -> dict:
 
 
 def test_every_method_has_a_run():
-    assert {name.split("_cluda")[0] for name in RUNS} == set(methods.METHODS)
+    ran = {name.split("_cluda")[0] for name in RUNS}
+    assert {methods.RECIPES.get(name, (name,))[0] for name in ran} == set(methods.METHODS)
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -142,7 +143,8 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-@pytest.mark.parametrize("name", sorted(methods.METHODS))  # cluda shares pgpc's code path
+# cluda shares pgpc's code path; fda_supcon adds the contrast's per-image sampling to fda's.
+@pytest.mark.parametrize("name", [*sorted(methods.METHODS), "fda_supcon"])
 def test_sharded_step_equals_single_device(name):
     """Two steps on 8 devices (batch 8 split over them, state replicated) give the single-device
     metrics to float tolerance; parameters to within Adam's first-step sensitivity (where |g| is

@@ -6,6 +6,7 @@ The forwards (outputs as `Segmentor.__call__`: {'logits', 'features', <auxiliary
 * `student(images, rng)`: train mode, dropout and drop path from `rng`. It threads the BatchNorm
   statistics from call to call, as DAFormer's student runs BN on the source and then on the mixed
   batch and updates its running statistics twice; the step keeps the last ones.
+  `student.auxiliary(images, rng)` runs the encoder and the auxiliary heads only.
 * `teacher(images)`: the EMA teacher (None if the method has none): BatchNorm on batch statistics
   (DAFormer's teacher stays in train mode; its running statistics are never used), no dropout,
   gradients stopped.
@@ -36,6 +37,20 @@ class Student:
             mutable=["batch_stats"],
         )
         self.batch_stats = updated["batch_stats"]
+        return outputs
+
+    def auxiliary(self, images: jax.Array, rng: jax.Array) -> dict[str, Any]:
+        """The encoder and the auxiliary heads only (`Segmentor.auxiliary_outputs`, mmseg's
+        `mode='aux'`): the decode head neither runs nor moves its BatchNorm statistics."""
+        outputs, updated = self.model.apply(
+            {"params": self.params, "batch_stats": self.batch_stats},
+            images,
+            train=True,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+            method=self.model.auxiliary_outputs,
+        )
+        self.batch_stats = {**self.batch_stats, **updated["batch_stats"]}
         return outputs
 
 

@@ -35,12 +35,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from data_pipelines.labels import IGNORE_INDEX
+from pgpc_jax.losses.contrast import sample_class_balanced
 from pgpc_jax.losses.entropy import robust_entropy
 from pgpc_jax.losses.segmentation import cross_entropy
+from pgpc_jax.losses.supcon import paired_supcon
+from pgpc_jax.models.heads import ProjectionHead
+from pgpc_jax.models.segmentor import DTYPES
 from pgpc_jax.uda import dacs, fourier, mixing
 
 WINDOWS = fourier.WINDOWS
+HEAD = "projection"  # the contrast's auxiliary head: params `auxiliary_head/projection`
 
 
 def config_group() -> ml_collections.ConfigDict:
@@ -67,6 +74,15 @@ def config_group() -> ml_collections.ConfigDict:
             self_training=False,
             # FDA's styling of the source inside DAFormer self-training [ours].
             with_dacs=False,
+            # The supervised pixel contrast between each pseudo-labelled target image and its
+            # source-styled version (the `fda_supcon` recipe) [reconstructed, all fields]:
+            # weight (0: off), temperature, pixels sampled per image (class-balanced, the same
+            # positions in both views), both directions averaged, the projection head's width.
+            contrast_weight=0.0,
+            contrast_temperature=0.1,
+            contrast_samples=1024,
+            contrast_symmetric=True,
+            contrast_channels=256,
         )
     )
 
@@ -86,8 +102,22 @@ def configure_self_training(config) -> None:
     config.fda.entropy_start_step = 0
 
 
+def configure_supcon(config) -> None:
+    """The `fda_supcon` recipe [reconstructed]: FDA (styled-source CE, target entropy) plus the
+    supervised pixel contrast between each target image of `data.target` (a pseudo-label build,
+    stage 1: `python -m pgpc_jax.pseudo_label` with FDA models on target images styled to the
+    source) and its source-styled version; the pseudo-labels enter only the contrast."""
+    configure(config)
+    config.fda.contrast_weight = 1.0
+
+
 # Recipes of this method under their own names (`configs/<benchmark>.py:fda_sst`).
-RECIPES = {"fda_sst": configure_self_training}
+RECIPES = {"fda_sst": configure_self_training, "fda_supcon": configure_supcon}
+
+
+def uses_pseudo_labels(config) -> bool:
+    """Does the run read pseudo-labels from its target dataset?"""
+    return bool(config.fda.self_training) or float(config.fda.contrast_weight) > 0
 
 
 def validate(config) -> None:
@@ -103,7 +133,14 @@ def needs_imnet(config) -> bool:
 
 
 def auxiliary_heads(config) -> dict:
-    return {}
+    """SePiCo's projection head, for the contrast."""
+    if float(config.fda.contrast_weight) <= 0:
+        return {}
+    return {
+        HEAD: ProjectionHead(
+            channels=int(config.fda.contrast_channels), dtype=DTYPES[config.model.dtype]
+        )
+    }
 
 
 def init_state(config, params) -> None:
@@ -123,6 +160,20 @@ def settings(config) -> dict[str, Any]:
             raise ValueError(f"fda.{key}={c[key]!r}: expected a number >= 0")
     if int(c.entropy_start_step) < 0:
         raise ValueError(f"fda.entropy_start_step={c.entropy_start_step!r}: expected >= 0")
+    contrast = float(c.contrast_weight)
+    if not contrast >= 0 or not float(c.contrast_temperature) > 0:
+        raise ValueError(
+            f"fda.contrast_weight={c.contrast_weight!r}, fda.contrast_temperature="
+            f"{c.contrast_temperature!r}: expected a weight >= 0 and a temperature > 0"
+        )
+    for key in ("contrast_samples", "contrast_channels"):
+        if int(c[key]) < 1:
+            raise ValueError(f"fda.{key}={c[key]!r}: expected an integer >= 1")
+    if contrast > 0 and c.with_dacs:
+        raise ValueError(
+            "fda.contrast_weight > 0 with fda.with_dacs=True: the contrast reads the pseudo-label "
+            "dataset's labels; use it without DACS"
+        )
     if c.self_training and c.with_dacs:
         raise ValueError(
             "fda.self_training=True and fda.with_dacs=True: choose one target loss (the "
@@ -144,6 +195,13 @@ def settings(config) -> dict[str, Any]:
         normalizer=normalizer if normalizer > 0 else None,
         self_training=bool(c.self_training),
         with_dacs=bool(c.with_dacs),
+        num_classes=int(config.model.num_classes),
+        contrast=dict(
+            weight=contrast,
+            temperature=float(c.contrast_temperature),
+            samples=int(c.contrast_samples),
+            symmetric=bool(c.contrast_symmetric),
+        ),
     )
 
 
@@ -170,6 +228,44 @@ def entropy_term(logits: jax.Array, step: jax.Array, f: dict) -> tuple[jax.Array
     value = robust_entropy(logits, f["eta"], normalizer=f["normalizer"])
     on = (step >= f["entropy_start_step"]).astype(value.dtype)
     return f["entropy_weight"] * on * value, value
+
+
+def nearest_labels(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """int [B, H, W] -> [B, h, w] by PyTorch's nearest rule (source index floor(i * H / h))."""
+    rows = (np.arange(size[0]) * labels.shape[1]) // size[0]
+    cols = (np.arange(size[1]) * labels.shape[2]) // size[1]
+    return labels[:, rows][:, :, cols]
+
+
+def contrast_term(
+    key: jax.Array, view_a: jax.Array, view_b: jax.Array, labels: jax.Array, f: dict
+) -> tuple[jax.Array, jax.Array]:
+    """The supervised contrast of two aligned projections [B, h, w, D] with full-size
+    pseudo-labels [B, H, W]: per image a class-balanced sample of its labelled pixels (the same
+    positions in both views), pooled over the batch.
+
+    Returns:
+      (the weighted loss, the share of valid sample slots).
+    """
+    b, h, w, d = view_a.shape
+    c = f["contrast"]
+    grid = nearest_labels(labels, (h, w)).reshape(b, h * w)
+    eligible = (grid != IGNORE_INDEX) & (grid >= 0) & (grid < f["num_classes"])
+    sample = jax.vmap(
+        lambda k, y, e: sample_class_balanced(k, y, e, c["samples"], f["num_classes"])
+    )
+    index, valid = sample(jax.random.split(key, b), grid, eligible)
+    take = lambda x: jnp.take_along_axis(x, index, axis=1)  # noqa: E731
+    rows = lambda v: jnp.take_along_axis(v.reshape(b, h * w, d), index[..., None], axis=1)  # noqa: E731
+    loss = paired_supcon(
+        rows(view_a).reshape(-1, d),
+        rows(view_b).reshape(-1, d),
+        take(grid).reshape(-1),
+        valid.reshape(-1),
+        c["temperature"],
+        c["symmetric"],
+    )
+    return c["weight"] * loss, jnp.mean(valid.astype(jnp.float32))
 
 
 def make_losses(config):
@@ -199,6 +295,18 @@ def make_losses(config):
         if f["self_training"]:
             losses["loss_tgt"] = cross_entropy(target["logits"], ctx.tgt["label"])
         losses["loss_ent"], metrics["entropy"] = entropy_term(target["logits"], ctx.step, f)
+        if f["contrast"]["weight"] > 0:
+            # The target in the source's style: each target image takes the low-frequency
+            # amplitude of the (raw) source image of its batch position.
+            tgt_images = ctx.tgt["image"]
+            in_source_style = style_to(
+                tgt_images, paired_targets(src_images, tgt_images.shape[0]), f["beta"], f["window"]
+            )
+            k_styled, k_sample = jax.random.split(keys.method)
+            styled_view = ctx.student.auxiliary(in_source_style, k_styled)[HEAD]
+            losses["loss_contrast"], metrics["contrast_samples"] = contrast_term(
+                k_sample, target[HEAD], styled_view, ctx.tgt["label"], f
+            )
         return losses, ctx.method_state, metrics
 
     return losses
