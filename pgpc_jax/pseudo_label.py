@@ -4,43 +4,63 @@
   python -m pgpc_jax.pseudo_label --config configs/gta2cs.py \\
       --weights runs/fda_b001 runs/fda_b005 runs/fda_b009 \\
       --images cityscapes/leftImg8bit/train --resize 1024,512 --out pseudo/round1
+  # The target split of a built dataset (what the trainer reads) instead of a folder
+  python -m pgpc_jax.pseudo_label --config configs/synthetic.py \\
+      --weights runs/fda_b001 runs/fda_b005 runs/fda_b009 \\
+      --dataset synthetic_shift/default --split target_train --data_dir data \\
+      --resize 256,128 --out pseudo/embedded
   # Target images styled to the source first (FDA, beta 0.01), on grayscale inputs
   python -m pgpc_jax.pseudo_label --config configs/gta2cs.py --weights runs/fda_b001 \\
       --images cityscapes/leftImg8bit/train --resize 1024,512 \\
       --style-images gta/images --style-beta 0.01 --style-window numpy --grayscale \\
       --quantile 0.66 --cap 0.9 --seed 0 --out pseudo/styled
+  # The same with the styles from a built split: --style-dataset gta5/daformer --style-split train
   # The output as a training split (TFDS `folder/<name>`, read as `folder/round1` by a config)
   python -m data_pipelines.build --dataset folder --manual_dir pseudo/round1 --name round1 \\
       --data_dir ~/tfds
 
-Flags: --config CONFIG (its `model`, `classes` and `eval` groups), --weights W1 [W2 ...] (also
-`--weights W1,W2` or repeated --weights; one --weights-format and --which for all, as `evaluate`),
---images DIR (searched recursively for .png / .jpg / .jpeg), --out DIR (absent or empty),
---resize W,H (the network input size; default: each image's own size, which must then be the same
-for every image), --mode whole|slide (default config.eval.mode), --style-images DIR,
---style-beta (0.01), --style-window numpy|torch (numpy), --grayscale, --quantile (0.66),
---cap (0.9), --seed (0), --symlink-images, --tmp-dir DIR (default: the system's temp folder).
+Flags: --config CONFIG (its `model`, `classes` and `eval` groups, and `data.data_dir`),
+--weights W1 [W2 ...] (also `--weights W1,W2` or repeated --weights; one --weights-format and
+--which for all, as `evaluate`), the target images as exactly one of
+  --images DIR (searched recursively for .png / .jpg / .jpeg) or
+  --dataset NAME --split SPLIT [--data_dir DIR] (a built dataset, e.g. `synthetic_shift/default`
+  split `target_train`, read as the trainer reads it, `data_pipelines/sources.py`; --data_dir
+  defaults to the config's `data.data_dir`; the split's labels, if it has any, are not read:
+  the pseudo-labels come from the models only),
+--out DIR (absent or empty), --resize W,H (the network input size; default: each image's own
+size, which must then be the same for every image), --mode whole|slide (default
+config.eval.mode), the source-style images as at most one of --style-images DIR or
+--style-dataset NAME --style-split SPLIT (same --data_dir), --style-beta (0.01), --style-window
+numpy|torch (numpy), --grayscale, --quantile (0.66), --cap (0.9), --seed (0), --symlink-images
+(--images only), --tmp-dir DIR (default: the system's temp folder).
 
 It writes to --out:
-  train/images/<rel path>      the target images, copied (with --symlink-images: symbolic links)
+  train/images/<rel path>      the target images, copied (with --symlink-images: symbolic links);
+                               from --dataset, `<index>.png`: the split's stored PNG of example
+                               <index>, the index zero-padded to 5 digits (more from 100000
+                               images on), in the split's order
   train/labels/<rel stem>.png  uint8 train ids, 255 where the pixel is ignored
   classes.json                 the config's class table, as `data_pipelines/folder.py` reads it
   pseudo_label_summary.json    thresholds, predicted and kept pixels and shares per class, the
-                               ignored share, the models and every option
+                               ignored share, the models and every option (from --dataset also
+                               `record_names`: the split's example name of each written image)
 and prints the per-class table. The images are copied by default so that the output is a
 self-contained dataset: the folder builder, an archive or another machine reads it whatever
 happens to the original folder; --symlink-images saves the disk space instead. Progress with rate
 and ETA goes to stderr. Bad input (a missing or empty folder, images of different sizes without
---resize, weights that do not load, a non-empty --out, ...) is one `error: ...` line naming the
-flag or file, exit status 2, and nothing written: every check is made before --out is created,
-and images are decoded in the first pass, which writes only to the temporary folder.
+--resize, a dataset that is not built or a split it lacks (the message lists what is built and
+which splits there are), weights that do not load, a non-empty --out, ...) is one `error: ...`
+line naming the flag or file, exit status 2, and nothing written: every check is made before
+--out is created (image sizes come from the file headers, or the stored PNGs' headers of a
+split), and images are decoded in the first pass, which writes only to the temporary folder.
 
 Per target image (at its own size H x W, the label size):
 1. [fixed shape] the image is read as RGB uint8 and resized to --resize (the project's bilinear
    uint8 resize, as `evaluate --resize`).
-2. With --style-images [reconstructed, the fifth seed's "target styled to the source"]: one
-   source-style image per target image, drawn uniformly with replacement by
-   `np.random.default_rng(seed)` in the sorted order of the target images, is resized the same
+2. With --style-images or --style-dataset [reconstructed, the fifth seed's "target styled to the
+   source"]: one source-style image per target image, drawn uniformly with replacement by
+   `np.random.default_rng(seed)` in the order of the target images (sorted paths, or the
+   split's order) among the style images (sorted paths, or the split's order), is resized the same
    way to the network input size; `uda.fourier.fda_source_to_target(target, style, beta,
    window)` gives the target its own phase and the style image's low-frequency amplitude, on
    raw [0, 255] pixels, not clipped (as FDA feeds its transfer unclipped to the network).
@@ -78,6 +98,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import shutil
@@ -92,7 +113,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from data_pipelines import transforms
+from data_pipelines import sources, transforms
 from pgpc_jax import checkpointing, convert, evaluation, metrics_logging, predict, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.torch_names import ConversionError
@@ -107,6 +128,8 @@ STORED_BYTES_PER_PIXEL = 5
 # ITU-R BT.601 luma, PIL's `convert('L')` weights.
 LUMA = (0.299, 0.587, 0.114)
 SUMMARY_FILE = "pseudo_label_summary.json"
+# Digits of the zero-padded index that names the images of a --dataset split (at least).
+INDEX_DIGITS = 5
 
 
 class PseudoLabelError(ValueError):
@@ -117,14 +140,19 @@ class PseudoLabelError(ValueError):
 class Options:
     """The command's options (the flags, parsed)."""
 
-    images: str
     out: str
     weights: tuple[str, ...]
+    images: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    data_dir: str | None = None  # None: config.data.data_dir
     weights_format: str = "flax"
     which: str = "model"
     resize: tuple[int, int] | None = None  # (W, H) of the network input
     mode: str | None = None  # None: config.eval.mode
     style_images: str | None = None
+    style_dataset: str | None = None
+    style_split: str | None = None
     style_beta: float = 0.01
     style_window: str = "numpy"
     grayscale: bool = False
@@ -135,14 +163,90 @@ class Options:
     tmp_dir: str | None = None
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """The images of a folder (--images, --style-images) or of a built split (--dataset /
+    --split, --style-dataset / --style-split), in a fixed order.
+
+    A split's images are read as the trainer reads them (`sources.SegmentationSource`, labels not
+    decoded); their stored PNG bytes and header sizes come from the split's raw records where the
+    source has them (`_records`, as `data_pipelines/dark_zurich.py` reads its text fields), so
+    nothing is decoded before the first pass.
+    """
+
+    names: tuple[str, ...]  # folder: sorted relative paths; split: `<zero-padded index>.png`
+    folder: str | None = None
+    split: Sequence[Mapping] | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self, i: int) -> str:
+        """How an error names image `i`: its path, or `<split source>[i]`."""
+        if self.folder is not None:
+            return os.path.join(self.folder, self.names[i])
+        return f"{self.split!r}[{i}]"
+
+    def _records(self) -> Sequence[Mapping] | None:
+        """The split's raw records (encoded PNGs), or None."""
+        return getattr(self.split, "_records", None)  # sources.SegmentationSource has them
+
+    def read(self, i: int) -> np.ndarray:
+        """Image `i` as RGB uint8 [H, W, 3]."""
+        if self.folder is not None:
+            return predict.load_image(os.path.join(self.folder, self.names[i]))
+        return np.asarray(self.split[i]["image"], np.uint8)
+
+    def header(self, i: int) -> tuple[tuple[int, int], str | None]:
+        """((H, W), the split's example name; None for a folder) of image `i`, from the file's
+        or the stored PNG's header (one read of the record; nothing decoded where the source
+        allows); an unreadable image raises PseudoLabelError naming it."""
+        if self.folder is not None:
+            return image_size(os.path.join(self.folder, self.names[i])), None
+        records = self._records()
+        if records is None:
+            example = self.split[i]
+            return tuple(np.shape(example["image"])[:2]), _text(example["name"])
+        record = records[i]
+        try:
+            with Image.open(io.BytesIO(record["image"])) as im:
+                width, height = im.size
+        except Exception as e:
+            raise PseudoLabelError(
+                f"{self.describe(i)} is not a readable image ({type(e).__name__}: {e})"
+            ) from e
+        return (height, width), _text(record["name"])
+
+    def write(self, i: int, path: str, symlink: bool = False) -> None:
+        """Image `i` into `path`: the file copied (or linked), or the split's stored PNG."""
+        if self.folder is not None:
+            source = os.path.join(self.folder, self.names[i])
+            if symlink:
+                os.symlink(os.path.abspath(source), path)
+            else:
+                shutil.copyfile(source, path)
+            return
+        records = self._records()
+        stored = records[i]["image"] if records is not None else None
+        if isinstance(stored, bytes) and stored[:8] == b"\x89PNG\r\n\x1a\n":
+            with open(path, "wb") as f:
+                f.write(stored)
+        else:
+            Image.fromarray(self.read(i)).save(path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What `check_inputs` found: everything the passes need except the models."""
 
     options: Options
-    images: tuple[str, ...]  # paths relative to options.images, sorted
+    images: tuple[str, ...]  # the written names: paths relative to --images, or `<index>.png`
     sizes: tuple[tuple[int, int], ...]  # (H, W) of each image, the label size
-    styles: tuple[str, ...]  # style image paths relative to options.style_images; () without
+    styles: tuple[str, ...]  # names of the style images (`target.names` alike); () without
     style_choice: np.ndarray  # int [N] index into `styles` per image; empty without styling
     class_names: tuple[str, ...]
     palette: tuple[tuple[int, int, int], ...]
@@ -150,6 +254,10 @@ class Plan:
     crop_size: tuple[int, int]
     stride: tuple[int, int]
     num_classes: int
+    target: ImageSource
+    style: ImageSource | None  # None without styling
+    data_dir: str | None  # where --dataset / --style-dataset were read; None without them
+    record_names: tuple[str, ...]  # --dataset: each image's example name in the split; ()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,12 +295,14 @@ def image_size(path: str) -> tuple[int, int]:
     return height, width
 
 
-def check_out_dir(out: str, images_dir: str) -> None:
-    """--out must be absent or an empty folder, and not inside --images."""
+def check_out_dir(out: str, images_dir: str | None) -> None:
+    """--out must be absent or an empty folder, and not inside --images (when given)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise PseudoLabelError(f"--out={out}: exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out):
         raise PseudoLabelError(f"--out={out}: not empty (give a new or an empty folder)")
+    if images_dir is None:
+        return
     real_out, real_images = os.path.realpath(out), os.path.realpath(images_dir)
     if real_out == real_images or real_out.startswith(real_images + os.sep):
         raise PseudoLabelError(f"--out={out}: inside --images={images_dir}")
@@ -207,44 +317,129 @@ def style_indices(num_images: int, num_styles: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, num_styles, size=num_images)
 
 
+def open_split_images(
+    data_dir: str, dataset: str, split: str, flags: tuple[str, str]
+) -> ImageSource:
+    """The images of a built split (labels not read); errors name `flags` (dataset, split)."""
+    dataset_flag, split_flag = flags
+    try:
+        source = sources.open_split(data_dir, dataset, split, with_label=False)
+    except sources.DatasetNotBuiltError as e:
+        raise PseudoLabelError(f"{dataset_flag}={dataset}: {e}") from e
+    except sources.UnknownSplitError as e:
+        raise PseudoLabelError(f"{split_flag}={split}: {e}") from e
+    if not len(source):
+        raise PseudoLabelError(f"{split_flag}={split}: {dataset} has no images in this split")
+    width = max(INDEX_DIGITS, len(str(len(source) - 1)))
+    return ImageSource(tuple(f"{i:0{width}d}.png" for i in range(len(source))), split=source)
+
+
+def data_dir_of(options: Options, config) -> str:
+    """--data_dir, else the config's `data.data_dir`."""
+    if options.data_dir is not None:
+        return options.data_dir
+    data = config.get("data")
+    if data is None or not data.get("data_dir"):
+        raise PseudoLabelError("--data_dir: not given and the config has no data.data_dir")
+    return str(data.data_dir)
+
+
+def target_images(options: Options, config) -> ImageSource:
+    """The target images of --images or --dataset / --split (exactly one of them)."""
+    if (options.images is None) == (options.dataset is None):
+        given = "both given" if options.images is not None else "neither given"
+        raise PseudoLabelError(
+            f"give the target images as exactly one of --images DIR and --dataset NAME --split "
+            f"SPLIT ({given})"
+        )
+    if options.dataset is None:
+        if options.split is not None:
+            raise PseudoLabelError(f"--split={options.split}: needs --dataset (not --images)")
+        rels = find_images(options.images, "--images")
+        by_label: dict[str, str] = {}
+        for rel in rels:
+            other = by_label.setdefault(label_name(rel), rel)
+            if other != rel:
+                raise PseudoLabelError(
+                    f"--images: {other} and {rel} would share the label file {label_name(rel)}"
+                )
+        return ImageSource(tuple(rels), folder=options.images)
+    if options.split is None:
+        raise PseudoLabelError(f"--dataset={options.dataset}: give the split too (--split SPLIT)")
+    if options.symlink_images:
+        raise PseudoLabelError(
+            "--symlink-images: the images of --dataset are stored in its records, not as files; "
+            "they are written as PNG files (leave --symlink-images out)"
+        )
+    return open_split_images(
+        data_dir_of(options, config), options.dataset, options.split, ("--dataset", "--split")
+    )
+
+
+def style_images(options: Options, config) -> ImageSource | None:
+    """The source-style images of --style-images or --style-dataset / --style-split; None
+    without styling."""
+    if options.style_images is not None and options.style_dataset is not None:
+        raise PseudoLabelError(
+            "give the style images as at most one of --style-images DIR and --style-dataset "
+            "NAME --style-split SPLIT (both given)"
+        )
+    if options.style_dataset is None:
+        if options.style_split is not None:
+            raise PseudoLabelError(f"--style-split={options.style_split}: needs --style-dataset")
+        if options.style_images is None:
+            return None
+        return ImageSource(
+            tuple(find_images(options.style_images, "--style-images")), folder=options.style_images
+        )
+    if options.style_split is None:
+        raise PseudoLabelError(
+            f"--style-dataset={options.style_dataset}: give the split too (--style-split SPLIT)"
+        )
+    return open_split_images(
+        data_dir_of(options, config),
+        options.style_dataset,
+        options.style_split,
+        ("--style-dataset", "--style-split"),
+    )
+
+
 def check_inputs(options: Options, config) -> Plan:
     """Every check of the command but loading the weights; raises PseudoLabelError.
 
     Args:
       options: the parsed flags.
-      config: the config (`model.num_classes`, `classes`, `eval`).
+      config: the config (`model.num_classes`, `classes`, `eval`; `data.data_dir` when a
+        dataset is read without --data_dir).
 
     Returns:
       The plan of the run.
     """
-    rels = find_images(options.images, "--images")
-    by_label: dict[str, str] = {}
-    for rel in rels:
-        other = by_label.setdefault(label_name(rel), rel)
-        if other != rel:
-            raise PseudoLabelError(
-                f"--images: {other} and {rel} would share the label file {label_name(rel)}"
-            )
-    sizes = tuple(image_size(os.path.join(options.images, rel)) for rel in rels)
+    if options.data_dir is not None and options.dataset is None and options.style_dataset is None:
+        raise PseudoLabelError(f"--data_dir={options.data_dir}: needs --dataset or --style-dataset")
+    target = target_images(options, config)
+    flag = "--images" if target.folder is not None else "--dataset"
+    rels = target.names
+    headers = [target.header(i) for i in range(len(target))]
+    sizes = tuple(size for size, _ in headers)
     if options.resize is None and len(set(sizes)) > 1:
         i = next(i for i, s in enumerate(sizes) if s != sizes[0])
         raise PseudoLabelError(
-            f"--images: {rels[0]} is {sizes[0][1]}x{sizes[0][0]} but {rels[i]} is "
+            f"{flag}: {rels[0]} is {sizes[0][1]}x{sizes[0][0]} but {rels[i]} is "
             f"{sizes[i][1]}x{sizes[i][0]}: give --resize W,H for images of different sizes"
         )
-    styles: tuple[str, ...] = ()
+    style = style_images(options, config)
     choice = np.zeros((0,), np.int64)
-    if options.style_images is not None:
-        styles = tuple(find_images(options.style_images, "--style-images"))
+    if style is not None:
         if options.style_window not in fourier.WINDOWS:
             raise PseudoLabelError(
                 f"--style-window={options.style_window!r}: expected one of {fourier.WINDOWS}"
             )
         if not 0.0 <= options.style_beta <= 0.5:
             raise PseudoLabelError(f"--style-beta={options.style_beta}: expected 0 <= beta <= 0.5")
-        choice = style_indices(len(rels), len(styles), options.seed)
+        choice = style_indices(len(rels), len(style), options.seed)
         for i in sorted(set(choice.tolist())):  # the headers of the drawn ones only
-            image_size(os.path.join(options.style_images, styles[i]))
+            style.header(i)
     if not 0.0 <= options.quantile <= 1.0:
         raise PseudoLabelError(f"--quantile={options.quantile}: expected 0 <= quantile <= 1")
     if not 0.0 < options.cap <= 1.0:
@@ -281,7 +476,7 @@ def check_inputs(options: Options, config) -> Plan:
         options=options,
         images=tuple(rels),
         sizes=sizes,
-        styles=styles,
+        styles=style.names if style is not None else (),
         style_choice=choice,
         class_names=tuple(names),
         palette=tuple(tuple(int(v) for v in c) for c in palette),
@@ -289,6 +484,14 @@ def check_inputs(options: Options, config) -> Plan:
         crop_size=tuple(int(v) for v in config.eval.crop_size),
         stride=tuple(int(v) for v in config.eval.stride),
         num_classes=num_classes,
+        target=target,
+        style=style,
+        data_dir=(
+            data_dir_of(options, config)
+            if options.dataset is not None or options.style_dataset is not None
+            else None
+        ),
+        record_names=tuple(name for _, name in headers) if target.split is not None else (),
     )
 
 
@@ -488,13 +691,9 @@ def predict_all(plan: Plan, model, variables_list: Sequence[Mapping], tmp: str) 
     labeller = make_labeller(model, plan.mode, plan.crop_size, plan.stride, plan.num_classes)
     histogram = np.zeros((plan.num_classes, NUM_BINS), np.int64)
     progress = metrics_logging.Progress("pseudo-labelling", len(plan.images))
-    for i, (rel, size) in enumerate(zip(plan.images, plan.sizes, strict=True)):
-        image = predict.load_image(os.path.join(o.images, rel))
-        style = None
-        if plan.styles:
-            style = predict.load_image(
-                os.path.join(o.style_images, plan.styles[plan.style_choice[i]])
-            )
+    for i, size in enumerate(plan.sizes):
+        image = plan.target.read(i)
+        style = plan.style.read(int(plan.style_choice[i])) if plan.style is not None else None
         x = network_input(image, o.resize, style, o.style_beta, o.style_window, o.grayscale)
         labels, conf = labeller(variables_list, x, size)
         labels_path, conf_path = _stored(tmp, i)
@@ -512,16 +711,13 @@ def write_outputs(plan: Plan, thresholds: np.ndarray, tmp: str) -> np.ndarray:
     o = plan.options
     counts = np.zeros((256,), np.int64)
     progress = metrics_logging.Progress("writing labels", len(plan.images))
-    for rel, (labels, conf) in zip(plan.images, _read_stored(tmp, len(plan.images)), strict=True):
+    stored = _read_stored(tmp, len(plan.images))
+    for i, (rel, (labels, conf)) in enumerate(zip(plan.images, stored, strict=True)):
         image_out = os.path.join(o.out, "train", "images", rel)
         label_out = os.path.join(o.out, "train", "labels", label_name(rel))
         os.makedirs(os.path.dirname(image_out), exist_ok=True)
         os.makedirs(os.path.dirname(label_out), exist_ok=True)
-        source = os.path.join(o.images, rel)
-        if o.symlink_images:
-            os.symlink(os.path.abspath(source), image_out)
-        else:
-            shutil.copyfile(source, image_out)
+        plan.target.write(i, image_out, o.symlink_images)
         pseudo = class_thresholds.apply_thresholds(labels, conf, thresholds, IGNORE)
         pseudo = np.asarray(pseudo).astype(np.uint8)
         Image.fromarray(pseudo).save(label_out)
@@ -542,7 +738,8 @@ def summarize(
 
     Per class (by name): `thresholds`, `predicted_pixels` (labelled c before the thresholds),
     `kept_pixels` (labelled c in the PNGs), `kept_share` (kept / predicted; null for a class
-    never predicted) and `class_share` (kept / all pixels); `ignored_share` is the share of 255.
+    never predicted) and `class_share` (kept / all pixels); `ignored_share` is the share of 255;
+    from --dataset, `record_names` {written image name: the split's example name}.
     """
     o = plan.options
     predicted = histogram.sum(axis=1)
@@ -564,11 +761,15 @@ def summarize(
         "models": list(o.weights),
         "options": {
             **dataclasses.asdict(o),
+            "data_dir": plan.data_dir,
             "mode": plan.mode,
             "image_files": "symlinked" if o.symlink_images else "copied",
             "thresholds": "exact",
             "model_weights": "1/N",
         },
+        **(
+            {"record_names": dict(zip(plan.images, plan.record_names))} if plan.record_names else {}
+        ),
     }
 
 
@@ -639,7 +840,21 @@ def define_flags() -> None:
         lock_config=True,
     )
     weights.define_flags(multiple=True)
-    flags.DEFINE_string("images", None, "Folder of target images (searched recursively).")
+    flags.DEFINE_string(
+        "images", None, "Folder of target images (searched recursively); or --dataset / --split."
+    )
+    flags.DEFINE_string(
+        "dataset",
+        None,
+        "Built dataset whose split holds the target images (e.g. synthetic_shift/default), "
+        "instead of --images; its labels are not read.",
+    )
+    flags.DEFINE_string("split", None, "Split of --dataset (e.g. target_train).")
+    flags.DEFINE_string(
+        "data_dir",
+        None,
+        "Where --dataset / --style-dataset are built; default config.data.data_dir.",
+    )
     flags.DEFINE_string("out", None, "Output folder (absent or empty).")
     flags.DEFINE_string(
         "resize",
@@ -656,6 +871,13 @@ def define_flags() -> None:
         "Folder of source-style images: each target image takes the "
         "low-frequency amplitude of one of them (FDA) before the models see it.",
     )
+    flags.DEFINE_string(
+        "style-dataset",
+        None,
+        "Built dataset whose split holds the source-style images (e.g. synthetic_shift/default), "
+        "instead of --style-images.",
+    )
+    flags.DEFINE_string("style-split", None, "Split of --style-dataset (e.g. source_train).")
     flags.DEFINE_float("style-beta", 0.01, "FDA's beta (window half-size floor(min(H, W)*beta)).")
     flags.DEFINE_enum(
         "style-window", "numpy", list(fourier.WINDOWS), "FDA's window convention (uda/fourier.py)."
@@ -683,10 +905,15 @@ def define_flags() -> None:
 def options_from_flags() -> Options:
     """The flags as Options (a bad --resize raises predict.PredictError)."""
     style_given = FLAGS["style-beta"].present or FLAGS["style-window"].present
-    if style_given and not FLAGS["style-images"].value:
-        raise PseudoLabelError("--style-beta / --style-window need --style-images")
+    if style_given and not (FLAGS["style-images"].value or FLAGS["style-dataset"].value):
+        raise PseudoLabelError(
+            "--style-beta / --style-window need --style-images or --style-dataset"
+        )
     return Options(
         images=FLAGS.images,
+        dataset=FLAGS.dataset,
+        split=FLAGS.split,
+        data_dir=FLAGS.data_dir,
         out=FLAGS.out,
         weights=tuple(weights.weights_paths(FLAGS.weights)),
         weights_format=FLAGS["weights-format"].value,
@@ -694,6 +921,8 @@ def options_from_flags() -> Options:
         resize=predict.parse_size(FLAGS.resize),
         mode=FLAGS.mode,
         style_images=FLAGS["style-images"].value,
+        style_dataset=FLAGS["style-dataset"].value,
+        style_split=FLAGS["style-split"].value,
         style_beta=FLAGS["style-beta"].value,
         style_window=FLAGS["style-window"].value,
         grayscale=FLAGS.grayscale,
@@ -731,9 +960,10 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.weights or not FLAGS.images or not FLAGS.out:
+    if FLAGS.config is None or not FLAGS.weights or not FLAGS.out:
         raise app.UsageError(
-            "usage: pseudo_label --config CONFIG --weights W1 [W2 ...] --images DIR --out DIR"
+            "usage: pseudo_label --config CONFIG --weights W1 [W2 ...] (--images DIR | --dataset "
+            "NAME --split SPLIT [--data_dir DIR]) --out DIR"
         )
     try:
         options = options_from_flags()

@@ -2,8 +2,11 @@
 end to end on generated images with two tiny models (PNG ids, ignore, summary, classes.json, a
 folder build of the output), the exact thresholds on a hand-made confidence list and against
 `uda/class_thresholds.py`, the ensemble as the mean of the models' softmax, the styled and
-grayscale inputs, the `--weights W1 W2` argument forms, and bad input as one `error:` line."""
+grayscale inputs, the `--weights W1 W2` argument forms, bad input as one `error:` line, and a built
+split (`--dataset` / `--split`, `--style-dataset` / `--style-split`) as the input, on the tiny
+embedded build."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_run import build_tiny_data
 
 from configs import tiny
 from data_pipelines import build, folder, sources, transforms
@@ -360,3 +364,119 @@ def test_writing_pass_with_linked_images(tmp_path):
     assert os.path.isfile(out / "labels" / "x" / "a.png")
     assert counts.sum() == 2 * SIZE[0] * SIZE[1] and counts[1] == (labels == 1).sum()
     assert folder.read_class_table(str(tmp_path / "out" / "classes.json"))[0][2] == "building"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """The `tiny` build of the embedded dataset (12 target and 12 source train images, 64x128)."""
+    return build_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def test_a_built_split_as_input(two_models, tiny_data, tmp_path):
+    """--dataset / --split with --style-dataset / --style-split: the split's stored images under
+    index names, pseudo-labels (the split's own labels unread), the same network inputs and
+    style draws as --images / --style-images on the same images written as files."""
+    paths, _, _ = two_models
+    config = tiny.get_config()
+    target = sources.open_split(tiny_data, "synthetic_shift/tiny", "target_train")
+    style = sources.open_split(tiny_data, "synthetic_shift/tiny", "source_train")
+    common = dict(weights=(paths[1],), style_beta=0.1, grayscale=True, seed=3)
+    from_split = pseudo_label.Options(
+        dataset="synthetic_shift/tiny", split="target_train", data_dir=tiny_data,
+        style_dataset="synthetic_shift/tiny", style_split="source_train",
+        out=str(tmp_path / "from_split"), **common,
+    )  # fmt: skip
+    assert pseudo_label.execute(from_split, config) == 0
+
+    names = [f"{i:05d}.png" for i in range(12)]
+    out = tmp_path / "from_split" / "train"
+    assert sorted(os.listdir(out / "images")) == names
+    assert sorted(os.listdir(out / "labels")) == names
+    ignored = 0
+    for i, name in enumerate(names):
+        image = np.asarray(Image.open(out / "images" / name))
+        np.testing.assert_array_equal(image, target[i]["image"])
+        label = np.asarray(Image.open(out / "labels" / name))
+        assert label.shape == (64, 128) and set(np.unique(label)) <= set(range(19)) | {255}
+        assert not np.array_equal(label, target[i]["label"])  # not the split's own labels
+        ignored += int((label == 255).sum())
+    # The split's stored PNG itself, byte for byte (the raw records sources.py reads).
+    assert (out / "images" / names[5]).read_bytes() == target._records[5]["image"]
+    summary = json.loads((tmp_path / "from_split" / pseudo_label.SUMMARY_FILE).read_text())
+    assert summary["ignored_pixels"] == ignored > 0 and summary["num_images"] == 12
+    assert summary["record_names"] == {n: f"target_train_{i:05d}" for i, n in enumerate(names)}
+    assert summary["options"]["dataset"] == "synthetic_shift/tiny"
+    assert summary["options"]["style_split"] == "source_train"
+    assert summary["options"]["data_dir"] == tiny_data
+
+    # The same images as folders: the same inputs to the passes, image by image.
+    for split, folder_name in ((target, "target"), (style, "style")):
+        os.makedirs(tmp_path / folder_name)
+        for i in range(len(split)):
+            Image.fromarray(split[i]["image"]).save(tmp_path / folder_name / f"{i:05d}.png")
+    from_files = pseudo_label.Options(
+        images=str(tmp_path / "target"), style_images=str(tmp_path / "style"),
+        out=str(tmp_path / "from_files"), **common,
+    )  # fmt: skip
+    a = pseudo_label.check_inputs(dataclasses.replace(from_split, out=str(tmp_path / "o")), config)
+    b = pseudo_label.check_inputs(from_files, config)
+    assert a.images == b.images == tuple(names) and a.sizes == b.sizes == ((64, 128),) * 12
+    np.testing.assert_array_equal(a.style_choice, b.style_choice)
+    assert len(set(a.style_choice.tolist())) > 1 and b.record_names == ()
+    for i in range(12):
+        np.testing.assert_array_equal(a.target.read(i), b.target.read(i))
+        j = int(a.style_choice[i])
+        np.testing.assert_array_equal(a.style.read(j), b.style.read(j))
+    # The output builds as a training split of the same images.
+    args = ["--dataset", "folder", "--manual_dir", str(tmp_path / "from_split"), "--name", "pl"]
+    assert build.main([*args, "--data_dir", str(tmp_path / "tfds")]) == 0
+    built = sources.open_split(str(tmp_path / "tfds"), "folder/pl", "train")
+    np.testing.assert_array_equal(built[11]["image"], target[11]["image"])
+    np.testing.assert_array_equal(
+        built[11]["label"], np.asarray(Image.open(out / "labels" / names[11]))
+    )
+
+
+def test_bad_dataset_input_is_one_error_line_and_nothing_is_written(tiny_data, tmp_path, capsys):
+    split = dict(dataset="synthetic_shift/tiny", split="target_train", data_dir=tiny_data)
+    config = tiny.get_config()
+
+    def fails(message, **kw):
+        options = pseudo_label.Options(out=str(tmp_path / "out"), weights=("w",), **kw)
+        assert pseudo_label.execute(options, config) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert captured.out == "" and len(lines) == 1 and lines[0].startswith("error: ")
+        assert re.search(message, lines[0]), lines[0]
+
+    fails(r"exactly one of --images DIR and --dataset .*\(neither given\)")
+    fails(r"exactly one of .*\(both given\)", images=str(tmp_path), **split)
+    fails(
+        r"--dataset=synthetic_shift/nope: no built dataset .* built there: synthetic_shift/tiny",
+        **{**split, "dataset": "synthetic_shift/nope"},
+    )
+    fails(
+        r"--split=nope: .* has splits \['source_train', 'source_val', 'target_train', "
+        r"'target_val'\], not 'nope'",
+        **{**split, "split": "nope"},
+    )
+    fails(r"--dataset=synthetic_shift/tiny: give the split too", **{**split, "split": None})
+    fails(r"--split=target_train: needs --dataset", images=str(tmp_path), split="target_train")
+    fails(r"--data_dir=.*: needs --dataset or --style-dataset", images=str(tmp_path), data_dir="d")
+    fails(r"--symlink-images: the images of --dataset are stored", symlink_images=True, **split)
+    fails(r"--style-split=source_train: needs --style-dataset", style_split="source_train", **split)
+    fails(r"--style-dataset=synthetic_shift/tiny: give the split too",
+          style_dataset="synthetic_shift/tiny", **split)  # fmt: skip
+    fails(r"--style-split=nope: .* has splits", style_dataset="synthetic_shift/tiny",
+          style_split="nope", **split)  # fmt: skip
+    fails(r"at most one of --style-images DIR and --style-dataset", style_images=str(tmp_path),
+          style_dataset="synthetic_shift/tiny", style_split="source_train", **split)  # fmt: skip
+    # --data_dir defaults to the config's data.data_dir.
+    config.data.data_dir = str(tmp_path / "elsewhere")
+    fails(r"--dataset=synthetic_shift/tiny: no built dataset .*elsewhere does not exist",
+          dataset="synthetic_shift/tiny", split="target_train")  # fmt: skip
+    config.data.data_dir = tiny_data
+    # Past every check on the inputs: the weights that do not load, still nothing written.
+    fails(r"w is not a pgpc_jax weights directory", dataset="synthetic_shift/tiny",
+          split="target_train")  # fmt: skip
+    assert not os.path.exists(tmp_path / "out")
