@@ -11,6 +11,7 @@ comes from are listed in `docs/method.md`; the reference is lhoyer/DAFormer's
 import ml_collections
 
 from data_pipelines.labels import THING_CLASSES
+from pgpc_jax import methods
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -174,9 +175,10 @@ PSEUDO_LABELS = "folder/pseudo_labels"
 
 
 def with_pseudo_label_target(config, dataset: str = PSEUDO_LABELS) -> ml_collections.ConfigDict:
-    """The target stream of a self-training round: the pseudo-labelled build's train split (its
-    labels are the pseudo-labels; override `data.target.dataset` for another build)."""
-    if config.method == "fda" and (config.fda.self_training or config.fda.contrast_weight > 0):
+    """The target stream of a method that trains on the target's labels (`methods.target_labels`:
+    a self-training round): the pseudo-labelled build's train split (override
+    `data.target.dataset` for another build)."""
+    if methods.target_labels(config):
         config.data.target.dataset = dataset
         config.data.target.split = "train"
     return config

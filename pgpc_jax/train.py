@@ -64,6 +64,20 @@ def _open_day_night(data_dir: str, group):
         raise ConfigError(f"data.target.paired_day=True: {e}") from e
 
 
+def _check_target_labels(source, config) -> None:
+    """A method that reads the target's labels (pseudo-labels) must not get an unlabelled split:
+    its examples' labels would be all ignore (255) and the loss silently 0."""
+    group = config.data.target
+    if all(np.all(source[i]["label"] == 255) for i in range(min(len(source), 8))):
+        raise ConfigError(
+            f"data.target.dataset={group.dataset!r} split={group.split!r}: method "
+            f"{config.method!r} trains on the target's labels (pseudo-labels) but the first "
+            "images of this split have none; make them with `python -m pgpc_jax.pseudo_label` "
+            "and build its output with `python -m data_pipelines.build --dataset folder` "
+            "(docs/data.md, 'Pseudo-labels as a training split')"
+        )
+
+
 def _check_crop(source, name: str, group) -> None:
     """A training crop must fit the images at the configured scale (read from the first one)."""
     height, width = source[0]["image"].shape[:2]
@@ -93,7 +107,10 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     if paired_day:
         tgt = _open_day_night(data.data_dir, tgt_cfg)
     else:
-        tgt = _open_split(data.data_dir, "target", tgt_cfg, with_label=False)
+        target_labels = methods.target_labels(config)
+        tgt = _open_split(data.data_dir, "target", tgt_cfg, with_label=target_labels)
+        if target_labels:
+            _check_target_labels(tgt, config)
     val = _open_split(data.data_dir, "val", val_cfg)
     _check_crop(src, "source", src_cfg)
     _check_crop(tgt, "target", tgt_cfg)

@@ -252,3 +252,17 @@ def test_contrast_is_the_paired_supcon_of_the_target_and_its_source_styled_versi
     np.testing.assert_allclose(losses["loss_contrast"], want, rtol=1e-4)
     np.testing.assert_allclose(metrics["contrast_samples"], valid.mean())
     assert sorted(losses) == ["loss_contrast", "loss_ent", "loss_src"]
+
+
+def test_the_trainer_refuses_an_unlabelled_target_for_a_self_training_round():
+    """`fda_sst` reads the target's labels: a split whose images carry none (all 255) stops the
+    run with one line naming the dataset and the command that makes pseudo-labels."""
+    from pgpc_jax import train
+    from pgpc_jax.config_checks import ConfigError
+
+    config = synthetic.get_config("fda_sst")
+    assert methods.target_labels(config) and not methods.target_labels(synthetic.get_config("fda"))
+    unlabelled = [{"label": np.full((4, 4), 255, np.uint8)}] * 3
+    with pytest.raises(ConfigError, match="'folder/pseudo_labels' split='train': method 'fda'"):
+        train._check_target_labels(unlabelled, config)
+    train._check_target_labels([*unlabelled, {"label": np.zeros((4, 4), np.uint8)}], config)

@@ -4,8 +4,9 @@ The method-seam refactor changed no number: `tests/fixtures/method_runs.json` ho
 run below, every metric of five train steps and a checksum of each final parameter leaf,
 recorded by
 
-  python -m tests.method_runs --write [--runs NAME ...]
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.method_runs --write [--runs NAME ...]
 
+(the tests' 8 fake devices, which change how XLA splits the CPU work)
 before the refactor (a new method adds its run to RUNS and records only it); `tests/methods_test.py` runs the same five steps and compares.
 """
 
@@ -54,11 +55,11 @@ def run_config(name: str):
         config.sepico.bank_length = 3
     if config.method == "fda":
         # A window of b = 3 on the 32x32 crops, the entropy from step 2 of 5; the contrast
-        # (fda_supcon) on 16 of the 64 projection pixels per image, 8 wide.
+        # (fda_supcon) on 16 of the 64 projection pixels per image, 16 wide.
         config.fda.beta = 0.1
         config.fda.entropy_start_step = 2
         config.fda.contrast_samples = 16
-        config.fda.contrast_channels = 8
+        config.fda.contrast_channels = 16
     return config
 
 

@@ -14,6 +14,8 @@ and, optionally:
 
   start_steps(config)        {parameter path prefix: first step}: parameters the optimizer
                              leaves alone before that step (a head out of every backward pass)
+  target_labels(config)      does the method read the target split's labels (pseudo-labels
+                             made offline)? The trainer then opens them (default: no)
   RECIPES                    {recipe name: configure(config)}: named settings of the method,
                              chosen like a method (`configs/gta2cs.py:fda_sst`)
 
@@ -72,6 +74,11 @@ def configure(config, name: str | None = None):
     config.method = name
     METHODS[name].configure(config)
     return config
+
+
+def target_labels(config) -> bool:
+    """Does the run's method train on the target split's labels (`target_labels`, optional)?"""
+    return bool(getattr(get(config.method), "target_labels", lambda config: False)(config))
 
 
 def build_model(config) -> segmentor.Segmentor:

@@ -115,8 +115,9 @@ def configure_supcon(config) -> None:
 RECIPES = {"fda_sst": configure_self_training, "fda_supcon": configure_supcon}
 
 
-def uses_pseudo_labels(config) -> bool:
-    """Does the run read pseudo-labels from its target dataset?"""
+def target_labels(config) -> bool:
+    """Does the run read pseudo-labels from its target dataset (the trainer opens the target
+    split's labels)?"""
     return bool(config.fda.self_training) or float(config.fda.contrast_weight) > 0
 
 
