@@ -1,10 +1,11 @@
-"""The pseudo-label command (`pgpc_jax/pseudo_label.py`) and the ensemble evaluation: the command
-end to end on generated images with two tiny models (PNG ids, ignore, summary, classes.json, a
-folder build of the output), the exact thresholds on a hand-made confidence list and against
-`uda/class_thresholds.py`, the ensemble as the mean of the models' softmax, the styled and
-grayscale inputs, the `--weights W1 W2` argument forms, bad input as one `error:` line, and a built
-split (`--dataset` / `--split`, `--style-dataset` / `--style-split`) as the input, on the tiny
-embedded build."""
+"""The pseudo-label command (`pgpc_jax/pseudo_label.py`, its inputs in
+`pgpc_jax/pseudo_label_inputs.py`) and the ensemble evaluation: the command end to end on
+generated images with two tiny models (PNG ids, ignore, summary, classes.json, a folder build of
+the output, the thresholds as `uda/class_thresholds.py` computes them over all confidences), the
+ensemble as the mean of the models' softmax, the styled and grayscale inputs, the `--weights W1
+W2` argument forms, bad input as one `error:` line, and a built split (`--dataset` / `--split`,
+`--style-dataset` / `--style-split`) as the input, on the tiny embedded build. The exact
+thresholds from the histogram are tested in `tests/uda_class_thresholds_test.py`."""
 
 import dataclasses
 import json
@@ -23,6 +24,7 @@ from tiny_run import build_tiny_data
 from configs import tiny
 from data_pipelines import build, folder, sources, transforms
 from pgpc_jax import checkpointing, evaluation, predict, pseudo_label, weights
+from pgpc_jax import pseudo_label_inputs as inputs
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
 from pgpc_jax.uda import class_thresholds, fourier
@@ -148,64 +150,6 @@ def test_command_end_to_end(two_models, tmp_path):
     assert sum(built) == counts[255]
 
 
-def _hand_made():
-    """Labels and float32 confidences of 5 classes (class 2 absent), shuffled."""
-    groups = {
-        0: np.arange(1, 26) / 100.0,  # n = 25: index round(16.5) = 16 (half to even): 0.17
-        1: np.array([0.97, 0.99, 0.95]),  # index 2: 0.99, capped at 0.9
-        3: np.array([0.5, 0.3, 0.3, 0.8]),  # index round(2.64) = 3: 0.8 (ties below it)
-        4: np.full(10, 0.25),  # all equal: index 7: 0.25
-    }
-    labels = np.concatenate([np.full(len(v), c) for c, v in groups.items()])
-    conf = np.concatenate(list(groups.values())).astype(np.float32)
-    order = np.random.default_rng(0).permutation(len(labels))
-    return labels[order], conf[order]
-
-
-def test_thresholds_of_a_hand_made_confidence_list():
-    labels, conf = _hand_made()
-    chunks = [(labels[:20], conf[:20]), (labels[20:], conf[20:])]
-    histogram = sum(pseudo_label.class_histogram(a, b, 5) for a, b in chunks)
-    got = pseudo_label.exact_thresholds(histogram, lambda: chunks)
-    want = np.float32([0.17, 0.9, 0.0, 0.8, 0.25]).astype(np.float64)
-    want[1] = 0.9  # the cap, in float64
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(got, class_thresholds.class_thresholds(labels, conf, 5))
-    # Another quantile and cap: index round(12.5) = 12 -> 0.13; class 1's 0.99 capped at 0.98.
-    other = pseudo_label.exact_thresholds(histogram, lambda: chunks, quantile=0.5, cap=0.98)
-    np.testing.assert_array_equal(
-        other, class_thresholds.class_thresholds(labels, conf, 5, fraction=0.5, cap=0.98)
-    )
-    assert other[0] == np.float32(0.13) and other[1] == 0.98
-    # The 255 rule: below its class's threshold (strictly) -> ignored.
-    pseudo = np.asarray(class_thresholds.apply_thresholds(labels, conf, got))
-    keep = conf.astype(np.float64) >= got[labels]  # the release compares in float64
-    np.testing.assert_array_equal(pseudo, np.where(keep, labels, 255))
-    assert (pseudo == 0).sum() == 25 - 16 and (pseudo == 1).sum() == 3 and (pseudo == 4).sum() == 10
-
-
-def test_thresholds_equal_the_released_ones_on_random_predictions():
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 6, (4, 50, 60))
-    # Coarse values (many ties, some over the cap) and fine ones.
-    conf = np.where(
-        rng.random(labels.shape) < 0.5,
-        rng.integers(0, 20, labels.shape) / 19.0,
-        rng.random(labels.shape),
-    ).astype(np.float32)
-    labels[labels == 5] = 4  # class 5 absent
-    histogram = sum(pseudo_label.class_histogram(a, b, 6) for a, b in zip(labels, conf))
-    assert histogram.shape == (6, pseudo_label.NUM_BINS) and histogram.sum() == labels.size
-    got = pseudo_label.exact_thresholds(histogram, lambda: zip(labels, conf))
-    np.testing.assert_array_equal(got, class_thresholds.class_thresholds(labels, conf, 6))
-    for quantile, cap in ((0.9, 0.95), (0.1, 0.5), (1.0, 1.0), (0.0, 0.9)):
-        got = pseudo_label.exact_thresholds(
-            histogram, lambda: zip(labels, conf), quantile=quantile, cap=cap
-        )
-        want = class_thresholds.class_thresholds(labels, conf, 6, fraction=quantile, cap=cap)
-        np.testing.assert_array_equal(got, want)
-
-
 def test_ensemble_is_the_mean_of_the_models_softmax(two_models):
     _, model, variables = two_models
     rng = np.random.default_rng(2)
@@ -240,12 +184,12 @@ def test_styling_and_grayscale_inputs():
     style = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     style[..., 0] //= 4  # a darker red channel: another mean (the amplitude at frequency 0)
     plain = predict.normalize(target)
-    np.testing.assert_array_equal(pseudo_label.network_input(target), plain)
+    np.testing.assert_array_equal(inputs.network_input(target), plain)
     # A style image equal to the target leaves it unchanged.
-    same = pseudo_label.network_input(target, style=target, beta=0.1, window="numpy")
+    same = inputs.network_input(target, style=target, beta=0.1, window="numpy")
     np.testing.assert_allclose(same, plain, atol=2e-4)
     # Another one: the target's phase, the style's low frequencies (resized to the target).
-    styled = pseudo_label.network_input(target, style=style, beta=0.1, window="numpy")
+    styled = inputs.network_input(target, style=style, beta=0.1, window="numpy")
     assert np.abs(styled - plain).max() > 0.1
     resized = transforms.resize_image(style, 30, 20)
     raw = fourier.fda_source_to_target(
@@ -255,23 +199,21 @@ def test_styling_and_grayscale_inputs():
     pixels = styled * predict.STD + predict.MEAN
     np.testing.assert_allclose(pixels.mean((0, 1)), resized.mean((0, 1)), atol=1e-2)
     # Grayscale: the BT.601 luma in every channel (after the styling, before normalising).
-    gray = pseudo_label.network_input(target, grayscale=True) * predict.STD + predict.MEAN
+    gray = inputs.network_input(target, grayscale=True) * predict.STD + predict.MEAN
     luma = target.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     for channel in range(3):
         np.testing.assert_allclose(gray[..., channel], luma, atol=1e-3)
-    both = pseudo_label.network_input(target, style=style, beta=0.1, grayscale=True)
+    both = inputs.network_input(target, style=style, beta=0.1, grayscale=True)
     np.testing.assert_allclose(
-        both * predict.STD + predict.MEAN, pseudo_label.to_grayscale(pixels), atol=1e-3
+        both * predict.STD + predict.MEAN, inputs.to_grayscale(pixels), atol=1e-3
     )
     # --resize first: the style is brought to the network input size.
-    small = pseudo_label.network_input(target, (15, 10), style=style, beta=0.1)
+    small = inputs.network_input(target, (15, 10), style=style, beta=0.1)
     assert small.shape == (10, 15, 3)
     # The draw of style images is the seed's.
-    a = pseudo_label.style_indices(50, 7, seed=0)
-    np.testing.assert_array_equal(a, pseudo_label.style_indices(50, 7, seed=0))
-    assert (
-        a.min() >= 0 and a.max() < 7 and not np.array_equal(a, pseudo_label.style_indices(50, 7, 1))
-    )
+    a = inputs.style_indices(50, 7, seed=0)
+    np.testing.assert_array_equal(a, inputs.style_indices(50, 7, seed=0))
+    assert a.min() >= 0 and a.max() < 7 and not np.array_equal(a, inputs.style_indices(50, 7, 1))
 
 
 def test_weights_argument_forms():
@@ -288,7 +230,7 @@ def test_weights_argument_forms():
 
 def _options(tmp_path, **kw):
     base = dict(images=str(tmp_path / "target"), out=str(tmp_path / "out"), weights=("w",))
-    return pseudo_label.Options(**{**base, **kw})
+    return inputs.Options(**{**base, **kw})
 
 
 def _fails(capsys, options, message):
@@ -310,7 +252,7 @@ def test_bad_input_is_one_error_line_and_nothing_is_written(two_models, tmp_path
     _images(tmp_path / "target", ("a.png",))
     _images(tmp_path / "target", ("b.png",), size=(24, 40))
     _fails(capsys, _options(tmp_path), "a.png is 32x24 but b.png is 40x24: give --resize")
-    plan = pseudo_label.check_inputs(_options(tmp_path, resize=(32, 24)), tiny.get_config())
+    plan = inputs.check_inputs(_options(tmp_path, resize=(32, 24)), tiny.get_config())
     assert plan.images == ("a.png", "b.png") and plan.sizes == ((24, 32), (24, 40))
     _images(tmp_path / "target", ("a.jpg",))
     _fails(capsys, _options(tmp_path, resize=(32, 24)), "share the label file a.png")
@@ -341,7 +283,7 @@ def test_writing_pass_with_linked_images(tmp_path):
     """The third pass on stored predictions: links, the 255 rule, classes.json; no model."""
     _images(tmp_path / "target", ("x/a.jpg", "b.png"))
     options = _options(tmp_path, symlink_images=True)
-    plan = pseudo_label.check_inputs(options, tiny.get_config())
+    plan = inputs.check_inputs(options, tiny.get_config())
     assert plan.images == ("b.png", os.path.join("x", "a.jpg"))
     rng = np.random.default_rng(4)
     stored = tmp_path / "stored"
@@ -358,7 +300,7 @@ def test_writing_pass_with_linked_images(tmp_path):
         image = out / "images" / rel
         assert os.path.islink(image)
         assert os.readlink(image) == os.path.abspath(tmp_path / "target" / rel)
-        label = np.asarray(Image.open(out / "labels" / pseudo_label.label_name(rel)))
+        label = np.asarray(Image.open(out / "labels" / inputs.label_name(rel)))
         drop = conf[i].astype(np.float64) < thresholds[labels[i]]
         np.testing.assert_array_equal(label, np.where(drop, 255, labels[i]))
     assert os.path.isfile(out / "labels" / "x" / "a.png")
@@ -381,7 +323,7 @@ def test_a_built_split_as_input(two_models, tiny_data, tmp_path):
     target = sources.open_split(tiny_data, "synthetic_shift/tiny", "target_train")
     style = sources.open_split(tiny_data, "synthetic_shift/tiny", "source_train")
     common = dict(weights=(paths[1],), style_beta=0.1, grayscale=True, seed=3)
-    from_split = pseudo_label.Options(
+    from_split = inputs.Options(
         dataset="synthetic_shift/tiny", split="target_train", data_dir=tiny_data,
         style_dataset="synthetic_shift/tiny", style_split="source_train",
         out=str(tmp_path / "from_split"), **common,
@@ -414,12 +356,12 @@ def test_a_built_split_as_input(two_models, tiny_data, tmp_path):
         os.makedirs(tmp_path / folder_name)
         for i in range(len(split)):
             Image.fromarray(split[i]["image"]).save(tmp_path / folder_name / f"{i:05d}.png")
-    from_files = pseudo_label.Options(
+    from_files = inputs.Options(
         images=str(tmp_path / "target"), style_images=str(tmp_path / "style"),
         out=str(tmp_path / "from_files"), **common,
     )  # fmt: skip
-    a = pseudo_label.check_inputs(dataclasses.replace(from_split, out=str(tmp_path / "o")), config)
-    b = pseudo_label.check_inputs(from_files, config)
+    a = inputs.check_inputs(dataclasses.replace(from_split, out=str(tmp_path / "o")), config)
+    b = inputs.check_inputs(from_files, config)
     assert a.images == b.images == tuple(names) and a.sizes == b.sizes == ((64, 128),) * 12
     np.testing.assert_array_equal(a.style_choice, b.style_choice)
     assert len(set(a.style_choice.tolist())) > 1 and b.record_names == ()
@@ -442,7 +384,7 @@ def test_bad_dataset_input_is_one_error_line_and_nothing_is_written(tiny_data, t
     config = tiny.get_config()
 
     def fails(message, **kw):
-        options = pseudo_label.Options(out=str(tmp_path / "out"), weights=("w",), **kw)
+        options = inputs.Options(out=str(tmp_path / "out"), weights=("w",), **kw)
         assert pseudo_label.execute(options, config) == 2
         captured = capsys.readouterr()
         lines = captured.err.strip().splitlines()

@@ -2,7 +2,9 @@
 confidence lists (the 66 % index with numpy's half-to-even rounding, the 0.9 cap, absent
 classes, the one-pixel class the release cannot index), chunked = whole, against a numpy
 transcription of `getSudoLabel_multi.py` (`tests/numpy_fda_thresholds.py`) on random
-predictions, the 255 rule on a hand-made case, and the histogram approximation's bounds."""
+predictions, the exact thresholds from a histogram and one more pass (hand-made with ties, and
+on random predictions: equal to the thresholds over all confidences), the 255 rule on a
+hand-made case, and the histogram approximation's bounds."""
 
 import functools
 
@@ -75,6 +77,62 @@ def test_chunks_equal_whole():
     )
     with pytest.raises(ValueError, match="differ"):
         ct.class_thresholds(labels, conf[:-1], 6)
+
+
+def _hand_made_with_ties():
+    """Labels and float32 confidences of 5 classes (class 2 absent), shuffled."""
+    groups = {
+        0: np.arange(1, 26) / 100.0,  # n = 25: index round(16.5) = 16 (half to even): 0.17
+        1: np.array([0.97, 0.99, 0.95]),  # index 2: 0.99, capped at 0.9
+        3: np.array([0.5, 0.3, 0.3, 0.8]),  # index round(2.64) = 3: 0.8 (ties below it)
+        4: np.full(10, 0.25),  # all equal: index 7: 0.25
+    }
+    labels = np.concatenate([np.full(len(v), c) for c, v in groups.items()])
+    conf = np.concatenate(list(groups.values())).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(labels))
+    return labels[order], conf[order]
+
+
+def test_exact_thresholds_of_a_hand_made_confidence_list():
+    labels, conf = _hand_made_with_ties()
+    chunks = [(labels[:20], conf[:20]), (labels[20:], conf[20:])]
+    histogram = sum(ct.class_histogram(a, b, 5) for a, b in chunks)
+    got = ct.exact_thresholds(histogram, lambda: chunks)
+    want = np.float32([0.17, 0.9, 0.0, 0.8, 0.25]).astype(np.float64)
+    want[1] = 0.9  # the cap, in float64
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, ct.class_thresholds(labels, conf, 5))
+    # Another quantile and cap: index round(12.5) = 12 -> 0.13; class 1's 0.99 capped at 0.98.
+    other = ct.exact_thresholds(histogram, lambda: chunks, quantile=0.5, cap=0.98)
+    np.testing.assert_array_equal(
+        other, ct.class_thresholds(labels, conf, 5, fraction=0.5, cap=0.98)
+    )
+    assert other[0] == np.float32(0.13) and other[1] == 0.98
+    # The 255 rule: below its class's threshold (strictly) -> ignored.
+    pseudo = np.asarray(ct.apply_thresholds(labels, conf, got))
+    keep = conf.astype(np.float64) >= got[labels]  # the release compares in float64
+    np.testing.assert_array_equal(pseudo, np.where(keep, labels, 255))
+    assert (pseudo == 0).sum() == 25 - 16 and (pseudo == 1).sum() == 3 and (pseudo == 4).sum() == 10
+
+
+def test_exact_thresholds_equal_the_released_ones_on_random_predictions():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 6, (4, 50, 60))
+    # Coarse values (many ties, some over the cap) and fine ones.
+    conf = np.where(
+        rng.random(labels.shape) < 0.5,
+        rng.integers(0, 20, labels.shape) / 19.0,
+        rng.random(labels.shape),
+    ).astype(np.float32)
+    labels[labels == 5] = 4  # class 5 absent
+    histogram = sum(ct.class_histogram(a, b, 6) for a, b in zip(labels, conf))
+    assert histogram.shape == (6, ct.NUM_BINS) and histogram.sum() == labels.size
+    got = ct.exact_thresholds(histogram, lambda: zip(labels, conf))
+    np.testing.assert_array_equal(got, ct.class_thresholds(labels, conf, 6))
+    for quantile, cap in ((0.9, 0.95), (0.1, 0.5), (1.0, 1.0), (0.0, 0.9)):
+        got = ct.exact_thresholds(histogram, lambda: zip(labels, conf), quantile=quantile, cap=cap)
+        want = ct.class_thresholds(labels, conf, 6, fraction=quantile, cap=cap)
+        np.testing.assert_array_equal(got, want)
 
 
 def _random_predictions(seed, shape=(3, 6, 7), num_classes=5):

@@ -25,6 +25,16 @@ In this module:
   (the release holds float64 labels and confidences: 25 GB).
   [reconstructed] n = 1: the release's index round(0.66) = 1 is past the end (an IndexError);
   it is clamped to n - 1 here (the single confidence). For every n >= 2 it is in range.
+* `confidence_bins`, `class_histogram` and `exact_thresholds` [released values], numpy, exact
+  with bounded memory (the second pass of `python -m pgpc_jax.pseudo_label`): per class a
+  histogram of `NUM_BINS` = 2^16 equal confidence bins of [0, 1] is summed over the dataset
+  (C x 65536 int64: 10 MB for 19 classes). The bin of each class's order statistic follows from
+  the counts; one more pass over the data collects only the confidences of that bin (the binning
+  of float32 values by a power of two is exact, so the order is kept) and takes the exact value
+  with `np.partition`; a class whose bin starts at or above the cap is capped without it. That
+  pass holds one bin's confidences per class: a few thousand values for real softmax outputs,
+  all of a class's pixels only when they share one bin (e.g. a constant confidence). The values
+  equal `class_thresholds` over all the data.
 * `confidence_histogram` and `thresholds_from_histogram` [reconstructed], an approximation,
   flagged as such: a per-class histogram of the confidences over `num_bins` equal bins of
   [0, 1], jnp and [fixed shape] (only [C, num_bins] counts leave the device), summed over the
@@ -43,7 +53,7 @@ In this module:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +66,9 @@ FRACTION = 0.66
 CAP = 0.9
 # The threshold of a class that no pixel is labelled with.
 ABSENT = 0.0
+# Confidence bins of `class_histogram` / `exact_thresholds`: a power of two, so float32 values are
+# binned exactly.
+NUM_BINS = 1 << 16
 # The release's model weights: a = b = 0.3333 and 1 - a - b for the third model.
 MULTIBAND_WEIGHTS = (0.3333, 0.3333, 1.0 - 0.3333 - 0.3333)
 
@@ -184,6 +197,80 @@ def class_thresholds(
     return class_thresholds_from_chunks(
         [(labels, confidences)], num_classes, fraction=fraction, cap=cap, absent=absent
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact thresholds with bounded memory [released values], numpy
+
+
+def confidence_bins(confidences: np.ndarray, num_bins: int = NUM_BINS) -> np.ndarray:
+    """int64 bin of each float32 confidence in `num_bins` equal bins of [0, 1] (1 in the last).
+
+    With a power-of-two `num_bins` the product is exact, so the bins keep the values' order.
+    """
+    scaled = np.asarray(confidences, np.float32) * np.float32(num_bins)
+    return np.clip(scaled.astype(np.int64), 0, num_bins - 1)
+
+
+def class_histogram(
+    labels: np.ndarray, confidences: np.ndarray, num_classes: int, num_bins: int = NUM_BINS
+) -> np.ndarray:
+    """int64 [C, num_bins] counts of the confidences per predicted class (labels outside [0, C)
+    are not counted)."""
+    labels = np.asarray(labels, np.int64).ravel()
+    counted = (labels >= 0) & (labels < num_classes)
+    flat = labels[counted] * num_bins + confidence_bins(np.ravel(confidences)[counted], num_bins)
+    return np.bincount(flat, minlength=num_classes * num_bins).reshape(num_classes, num_bins)
+
+
+def exact_thresholds(
+    histogram: np.ndarray,
+    chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    *,
+    quantile: float = FRACTION,
+    cap: float = CAP,
+    absent: float = ABSENT,
+) -> np.ndarray:
+    """FDA's per-class thresholds, exact, from the histogram and one more pass over the data.
+
+    Args:
+      histogram: int [C, K] `class_histogram` counts summed over the dataset (K a power of two).
+      chunks: returns a fresh iterable of the same (labels, float32 confidences) pairs that
+        made the histogram; read once, and only when a threshold lies below the cap.
+      quantile, cap, absent: as `class_thresholds_from_chunks` (its fraction).
+
+    Returns:
+      float64 [C]: equal to `class_thresholds` over all the chunks.
+    """
+    histogram = np.asarray(histogram, np.int64)
+    num_classes, num_bins = histogram.shape
+    counts = histogram.sum(axis=1)
+    present = counts > 0
+    index = order_index(np.maximum(counts, 1), quantile)
+    cumulative = np.cumsum(histogram, axis=1)
+    bins = np.argmax(cumulative > index[:, None], axis=1)  # the bin of the order statistic
+    before = np.where(bins > 0, cumulative[np.arange(num_classes), bins - 1], 0)
+    rank = index - before  # its rank inside that bin
+    # A bin starting at or above the cap holds a value that is capped whatever it is.
+    need = present & (bins / num_bins < cap)
+    thresholds = np.where(present, float(cap), float(absent))
+    if need.any():
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        for labels, conf in chunks():
+            labels = np.asarray(labels, np.int64).ravel()
+            conf = np.asarray(conf, np.float32).ravel()
+            in_range = (labels >= 0) & (labels < num_classes)
+            safe = np.where(in_range, labels, 0)
+            keep = in_range & need[safe] & (confidence_bins(conf, num_bins) == bins[safe])
+            kept_labels, kept_conf = labels[keep], conf[keep]
+            for c in np.unique(kept_labels):
+                parts[c].append(kept_conf[kept_labels == c])
+        for c in np.flatnonzero(need):
+            values = np.concatenate(parts[c]) if parts[c] else np.zeros((0,), np.float32)
+            if values.size <= rank[c]:
+                raise ValueError(f"class {c}: the chunks do not match the histogram")
+            thresholds[c] = np.partition(values, rank[c])[rank[c]]
+    return np.where(thresholds > cap, float(cap), thresholds)
 
 
 # ------------------------------------------------------------------------------------------------
