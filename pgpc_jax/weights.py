@@ -135,6 +135,25 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise WeightsError(f"{file} is not a readable run config ({e})") from e
 
 
+def complete_method_group(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A run's config with the fields its method's group gained after the run was written, at
+    their defaults (a field is added with the default that keeps the earlier behaviour, e.g.
+    `fda.contrast_weight` = 0), so that older runs stay readable."""
+    from pgpc_jax import methods  # the trainer's layer, imported where it is needed
+
+    name = config.get("method", "")
+    group = getattr(methods.METHODS.get(name), "config_group", None)
+    if group is None or name not in config:
+        return config
+    defaults = group()
+    missing = [key for key in defaults if key not in config[name]]
+    if missing:
+        with config.unlocked():
+            for key in missing:
+                config[name][key] = defaults[key]
+    return config
+
+
 def load_run(
     workdir: str | os.PathLike, step: int | None = None, best: bool = False
 ) -> tuple[ml_collections.ConfigDict, Any, int]:
@@ -164,6 +183,7 @@ def load_run(
             "uda.method and contrast, not method): read it with that version (git 22e616e), "
             "e.g. export it to --format flax there, and load the export here"
         )
+    config = complete_method_group(config)
     try:
         _, _, abstract = train.abstract_train_state(config)
     except Exception as e:  # a config.json from another version of the code: say which file

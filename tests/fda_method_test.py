@@ -266,3 +266,23 @@ def test_the_trainer_refuses_an_unlabelled_target_for_a_self_training_round():
     with pytest.raises(ConfigError, match="'folder/pseudo_labels' split='train': method 'fda'"):
         train._check_target_labels(unlabelled, config)
     train._check_target_labels([*unlabelled, {"label": np.zeros((4, 4), np.uint8)}], config)
+
+
+def test_a_run_written_before_a_field_was_added_still_loads_with_its_default():
+    """A run's config.json from before the contrast fields existed: `weights.load_run` completes
+    the method's group with the defaults (contrast off), so its model rebuilds unchanged."""
+    import json
+
+    import ml_collections
+
+    from pgpc_jax import weights
+
+    config = gta2cs.get_config("fda")  # the group's defaults
+    old = json.loads(config.to_json())
+    for key in [k for k in old["fda"] if k.startswith("contrast_")]:
+        del old["fda"][key]
+    restored = weights.complete_method_group(ml_collections.ConfigDict(old))
+    assert restored.fda.to_dict() == config.fda.to_dict()
+    assert (
+        methods.build_model(restored).auxiliary_heads == methods.build_model(config).auxiliary_heads
+    )
