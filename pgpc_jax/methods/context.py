@@ -28,30 +28,26 @@ class Student:
     def __init__(self, model, params: Any, batch_stats: Any):
         self.model, self.params, self.batch_stats = model, params, batch_stats
 
-    def __call__(self, images: jax.Array, rng: jax.Array) -> dict[str, Any]:
+    def _apply(self, images: jax.Array, rng: jax.Array, method=None) -> dict[str, Any]:
         outputs, updated = self.model.apply(
             {"params": self.params, "batch_stats": self.batch_stats},
             images,
             train=True,
             rngs={"dropout": rng},
             mutable=["batch_stats"],
+            method=method,
         )
-        self.batch_stats = updated["batch_stats"]
+        # A forward without the decode head returns only the statistics it moved.
+        self.batch_stats = {**self.batch_stats, **updated["batch_stats"]}
         return outputs
+
+    def __call__(self, images: jax.Array, rng: jax.Array) -> dict[str, Any]:
+        return self._apply(images, rng)
 
     def auxiliary(self, images: jax.Array, rng: jax.Array) -> dict[str, Any]:
         """The encoder and the auxiliary heads only (`Segmentor.auxiliary_outputs`, mmseg's
         `mode='aux'`): the decode head neither runs nor moves its BatchNorm statistics."""
-        outputs, updated = self.model.apply(
-            {"params": self.params, "batch_stats": self.batch_stats},
-            images,
-            train=True,
-            rngs={"dropout": rng},
-            mutable=["batch_stats"],
-            method=self.model.auxiliary_outputs,
-        )
-        self.batch_stats = {**self.batch_stats, **updated["batch_stats"]}
-        return outputs
+        return self._apply(images, rng, self.model.auxiliary_outputs)
 
 
 def bind_teacher(model, params: Any, batch_stats: Any) -> Callable[[jax.Array], dict]:
