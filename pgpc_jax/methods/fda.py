@@ -35,7 +35,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from data_pipelines.labels import IGNORE_INDEX
 from pgpc_jax.losses.contrast import sample_class_balanced
@@ -43,6 +42,7 @@ from pgpc_jax.losses.entropy import robust_entropy
 from pgpc_jax.losses.segmentation import cross_entropy
 from pgpc_jax.losses.supcon import paired_supcon
 from pgpc_jax.models.heads import ProjectionHead
+from pgpc_jax.models.layers import resize_nearest_legacy
 from pgpc_jax.models.segmentor import DTYPES
 from pgpc_jax.uda import dacs, fourier, mixing
 
@@ -231,13 +231,6 @@ def entropy_term(logits: jax.Array, step: jax.Array, f: dict) -> tuple[jax.Array
     return f["entropy_weight"] * on * value, value
 
 
-def nearest_labels(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """int [B, H, W] -> [B, h, w] by PyTorch's nearest rule (source index floor(i * H / h))."""
-    rows = (np.arange(size[0]) * labels.shape[1]) // size[0]
-    cols = (np.arange(size[1]) * labels.shape[2]) // size[1]
-    return labels[:, rows][:, :, cols]
-
-
 def contrast_term(
     key: jax.Array, view_a: jax.Array, view_b: jax.Array, labels: jax.Array, f: dict
 ) -> tuple[jax.Array, jax.Array]:
@@ -250,7 +243,7 @@ def contrast_term(
     """
     b, h, w, d = view_a.shape
     c = f["contrast"]
-    grid = nearest_labels(labels, (h, w)).reshape(b, h * w)
+    grid = resize_nearest_legacy(labels, (h, w)).reshape(b, h * w)
     eligible = (grid != IGNORE_INDEX) & (grid >= 0) & (grid < f["num_classes"])
     sample = jax.vmap(
         lambda k, y, e: sample_class_balanced(k, y, e, c["samples"], f["num_classes"])
