@@ -3,11 +3,17 @@
   python -m data_pipelines.build --dataset gta5 --manual_dir ~/data/gta --data_dir ~/tfds \
       --resize daformer --num_workers 8
   python -m data_pipelines.build --dataset synthetic_shift --data_dir ~/tfds
+  python -m data_pipelines.build --dataset folder --source ~/data/mine_src --target ~/data/mine_tgt \
+      [--target_val ~/data/mine_val] --classes classes.json --name mine --data_dir ~/tfds
   python -m data_pipelines.build --check --dataset gta5 --data_dir ~/tfds [--resize daformer]
 
 `--resize` is `daformer` (each dataset's DAFormer training scale), `full` (native size) or `WxH`
 (keep-ratio into W×H; validation labels always stay at full resolution). The result is read
 back with `data_pipelines.sources.open_split(data_dir, '<dataset>/<config>', split)`.
+`folder` takes either `--manual_dir` (train / val / test folders and classes.json) or a domain
+pair, `--source` / `--target` / `--classes` (and optionally `--target_val`), which builds one
+dataset `folder/<name>` with splits source_train, target_train (unlabelled) and target_val
+(layouts and class-file shapes: data_pipelines/folder.py).
 Re-running with the same arguments finds the finished build and only prints its summary.
 Exit status: 0 built or found, 2 bad input (one `error:` line on stderr naming the file, or the
 expected layout), 130 interrupted. A build that fails or is interrupted removes every folder it
@@ -35,10 +41,15 @@ from collections.abc import Mapping
 import tensorflow_datasets as tfds
 
 from data_pipelines import image_io, sources
-from data_pipelines.builder_base import LayoutError, SizeMismatchError, resize_config
+from data_pipelines.builder_base import (
+    LayoutError,
+    SizeMismatchError,
+    UnknownIdError,
+    resize_config,
+)
 from data_pipelines.cityscapes import Cityscapes
 from data_pipelines.dark_zurich import DarkZurich
-from data_pipelines.folder import ClassTableError, Folder
+from data_pipelines.folder import ClassTableError, Folder, pair_usage
 from data_pipelines.gta5 import Gta5
 from data_pipelines.synthetic_shift import DOMAINS, SPLITS, SyntheticShift, synthetic_config
 from data_pipelines.synthia import Synthia
@@ -104,12 +115,19 @@ def make_builder(args: argparse.Namespace):
     """The builder instance (with its config) for the parsed command line."""
     builder_cls = BUILDERS[args.dataset]
     common = dict(data_dir=args.data_dir, file_format="array_record")
+    pair = {key: getattr(args, key) for key in ("source", "target", "target_val", "classes")}
+    if args.dataset != "folder" and any(v is not None for v in pair.values()):
+        raise UsageError("--source, --target, --target_val and --classes are for --dataset folder")
     if args.dataset == "synthetic_shift":
         return builder_cls(config=synthetic_shift_config(args) or "default", **common)
-    if args.manual_dir is None:
-        raise LayoutError(f"--manual_dir is required for {args.dataset}")
     if args.dataset == "folder":
+        problem = pair_usage(args.manual_dir, **pair)
+        if problem is not None:
+            raise UsageError(problem)
         config = folder_config(args.name or "default", args.resize)
+        common.update({key: value for key, value in pair.items() if value is not None})
+    elif args.manual_dir is None:
+        raise LayoutError(f"--manual_dir is required for {args.dataset}")
     else:
         config = download_config(args.resize or "full")
     return builder_cls(
@@ -130,18 +148,17 @@ def format_summary(builder, metadata: dict, seconds: float | None) -> str:
         missing = [names[c] for c, n in enumerate(stats["class_pixels"]) if n == 0]
         unknown = stats["unknown_ids"]
         lines.append(f"  {split}: {stats['images']} images")
-        lines.append(f"    classes seen ({len(seen)}/{len(names)}): {', '.join(seen) or '-'}")
-        if missing and len(seen):
-            lines.append(f"    classes absent: {', '.join(missing)}")
-        total_unknown = sum(unknown.values())
-        lines.append(
-            f"    unmapped ids: {total_unknown} pixels"
-            + (
-                f" ({', '.join(f'id {k}: {v}' for k, v in unknown.items())}) -> 255"
-                if unknown
-                else ""
+        if not stats.get("labelled", True):  # a build from before the key prints as before
+            lines.append("    no labels")
+        else:
+            lines.append(f"    classes seen ({len(seen)}/{len(names)}): {', '.join(seen) or '-'}")
+            if missing and len(seen):
+                lines.append(f"    classes absent: {', '.join(missing)}")
+            shown = ", ".join(f"id {k}: {v}" for k, v in unknown.items())
+            lines.append(
+                f"    unmapped ids: {sum(unknown.values())} pixels"
+                + (f" ({shown}) -> 255" if unknown else "")
             )
-        )
         for key in ("skipped_corrupt", "skipped_mismatch", "skipped_missing_label"):
             if stats.get(key):
                 shown = ", ".join(stats[key][:5]) + (" ..." if len(stats[key]) > 5 else "")
@@ -155,6 +172,7 @@ def format_summary(builder, metadata: dict, seconds: float | None) -> str:
 BAD_INPUT = (
     LayoutError,
     SizeMismatchError,
+    UnknownIdError,
     image_io.CorruptImageError,
     image_io.LabelFormatError,
     ClassTableError,
@@ -441,6 +459,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num_workers", type=int, default=0, help="processes decoding / encoding (0: none)"
     )
     parser.add_argument("--name", help="folder: name of this dataset (default 'default')")
+    parser.add_argument("--source", help="folder pair: labelled source DIR (images/, labels/)")
+    parser.add_argument("--target", help="folder pair: target DIR (images only are read)")
+    parser.add_argument("--target_val", help="folder pair: labelled target validation DIR")
+    parser.add_argument("--classes", help="folder pair: the class file (JSON)")
     parser.add_argument("--config", help="synthetic_shift: 'default', 'mild' or 'tiny'")
     parser.add_argument("--size", help="synthetic_shift: WxH of the images (default 512x256)")
     parser.add_argument("--num_train", type=int, help="synthetic_shift: train images per domain")

@@ -12,7 +12,16 @@ Every example has the features
   class_pixels int64 [num_classes], counted on the full-resolution label
   name         the file stem, e.g. `aachen_000000_000019`
 plus the dataset's own `EXTRA_FEATURES`. Shuffling is disabled, so record i is the i-th file in
-sorted order, and `metadata.json` holds the per-split class pixel table and the build summary.
+sorted order, and `metadata.json` holds
+  class_names  the class names in index order
+  palette      one [r, g, b] per class (`CLASS_PALETTE`; Cityscapes' for the 19-class datasets)
+  class_pixels {split: int64 [N, num_classes] as nested lists}
+  summary      {split: images, skipped files, unknown ids, class pixels, labelled}
+where `labelled` is True when any image of the split had a label file.
+
+Raw ids outside `KNOWN_IDS` are counted and become 255 for the downloaded datasets (their void
+ids); a builder that sets `STRICT_IDS` (the `folder` datasets) refuses them instead, with an
+`UnknownIdError` naming the label file, the values and their pixel counts.
 """
 
 from __future__ import annotations
@@ -29,7 +38,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import image_io, transforms
-from data_pipelines.labels import CLASSES, IGNORE_INDEX, count_class_pixels, map_label_ids
+from data_pipelines.labels import (
+    CLASSES,
+    IGNORE_INDEX,
+    PALETTE,
+    count_class_pixels,
+    generated_palette,
+    map_label_ids,
+)
 
 
 class LayoutError(FileNotFoundError):
@@ -38,6 +54,10 @@ class LayoutError(FileNotFoundError):
 
 class SizeMismatchError(ValueError):
     """An image and its label differ in size."""
+
+
+class UnknownIdError(ValueError):
+    """A label holds values outside the class set of a builder with `STRICT_IDS`."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -136,14 +156,27 @@ class ItemReader:
     """Reads, checks, maps and encodes one `Item`: picklable, so build workers can run it.
 
     Returns a dict with `error` = None or (kind, message), kind in corrupt / mismatch /
-    missing_label / label_format, and otherwise `example` (the encoded features), `pixels` and
-    `unknown`. Errors are returned, not raised, so that a worker process hands them back as plain
-    data and the parent raises them in file order.
+    missing_label / label_format / unknown_ids, and otherwise `example` (the encoded features),
+    `pixels`, `unknown` and `labelled`. Errors are returned, not raised, so that a worker process
+    hands them back as plain data and the parent raises them in file order.
+
+    `strict_ids` None counts the ids outside `known_ids` (they become 255); a string makes them an
+    `unknown_ids` error, the string ending its message (which values are valid, how to map others).
     """
 
-    def __init__(self, read_label, id_to_train_id, known_ids, num_classes, scale, resize_label):
+    def __init__(
+        self,
+        read_label,
+        id_to_train_id,
+        known_ids,
+        num_classes,
+        scale,
+        resize_label,
+        strict_ids: str | None = None,
+    ):
         self.read_label, self.id_to_train_id, self.known_ids = read_label, id_to_train_id, known_ids
         self.num_classes, self.scale, self.resize_label = num_classes, scale, resize_label
+        self.strict_ids = strict_ids
 
     def __call__(self, item: Item) -> dict[str, Any]:
         if item.label is not None and not os.path.isfile(item.label):
@@ -170,18 +203,42 @@ class ItemReader:
             label, unknown = np.full(image.shape[:2], IGNORE_INDEX, np.uint8), {}
         else:
             label, unknown = map_label_ids(raw, self.id_to_train_id, self.known_ids)
+            if unknown and self.strict_ids is not None:
+                return {
+                    "error": (
+                        "unknown_ids",
+                        _unknown_ids_message(item.label, unknown, self.strict_ids),
+                    )
+                }
         example, pixels = encode_example(
             image, label, self.num_classes, self.scale, self.resize_label
         )
-        return {"error": None, "example": example, "pixels": pixels, "unknown": unknown}
+        return {
+            "error": None,
+            "example": example,
+            "pixels": pixels,
+            "unknown": unknown,
+            "labelled": raw is not None,
+        }
+
+
+def _unknown_ids_message(path: str, unknown: dict[int, int], rule: str) -> str:
+    """One line: the label file, its values outside the class set with pixel counts, the rule."""
+    values = sorted(unknown)
+    shown = ", ".join(f"{v} ({unknown[v]} pixels)" for v in values[:10])
+    if len(values) > 10:
+        shown += f", ... ({len(values) - 10} more values)"
+    return f"label {path} has values outside the class set: {shown}; {rule}"
 
 
 _ERRORS = {
     "corrupt": image_io.CorruptImageError,
     "mismatch": SizeMismatchError,
     "label_format": image_io.LabelFormatError,
+    "unknown_ids": UnknownIdError,
 }
-# What `--skip_corrupt` skips: single bad files. A colour label is a wrong dataset, always raised.
+# What `--skip_corrupt` skips: single bad files. A colour label is a wrong dataset, and a value
+# outside a folder dataset's class set a wrong class file: both always raised.
 SKIPPABLE = ("corrupt", "mismatch", "missing_label")
 
 
@@ -198,6 +255,11 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     VAL_SPLITS: tuple[str, ...] = ("val",)
     EXTRA_FEATURES: dict[str, tfds.features.FeatureConnector] = {}
     CLASS_NAMES: tuple[str, ...] = CLASSES
+    # One RGB colour per class, stored in metadata.json (generated when its length differs).
+    CLASS_PALETTE: tuple[tuple[int, int, int], ...] = PALETTE
+    # None: ids outside KNOWN_IDS are counted and ignored; a string: they fail the build, and the
+    # string (which values are valid, how to map others) ends the error message.
+    STRICT_IDS: str | None = None
 
     # Reads a label file as raw ids [H, W] (a plain function, so build workers can pickle it).
     READ_LABEL = staticmethod(image_io.read_label)
@@ -220,6 +282,13 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     @property
     def num_classes(self) -> int:
         return len(self.CLASS_NAMES)
+
+    @property
+    def palette(self) -> tuple[tuple[int, int, int], ...]:
+        """`CLASS_PALETTE`, or `generated_palette` where it does not have one colour per class."""
+        if len(self.CLASS_PALETTE) == self.num_classes:
+            return tuple(tuple(int(v) for v in colour) for colour in self.CLASS_PALETTE)
+        return generated_palette(self.num_classes)
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
@@ -288,6 +357,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             self.num_classes,
             self._scale(split),
             split not in self.VAL_SPLITS,
+            self.STRICT_IDS,
         )
         pool = None
         if self.num_workers > 1:
@@ -304,7 +374,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
                         raise _ERRORS.get(kind, LayoutError)(message)
                     stats[f"skipped_{kind}"].append(item.name)
                     continue
-                self._record(split, result["pixels"], result["unknown"])
+                self._record(split, result["pixels"], result["unknown"], result["labelled"])
                 yield item.name, {**result["example"], "name": item.name, **item.extra}
         finally:
             if pool is not None:
@@ -319,6 +389,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             "skipped_missing_label": [],
             "unknown_ids": {},
             "class_pixels": np.zeros(self.num_classes, np.int64),
+            "labelled": False,
         }
         self._class_pixels[split] = []
         return stats
@@ -343,9 +414,12 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         self._record(split, pixels, {})
         return name, {**example, "name": name}
 
-    def _record(self, split: str, pixels: np.ndarray, unknown: dict[int, int]) -> None:
+    def _record(
+        self, split: str, pixels: np.ndarray, unknown: dict[int, int], labelled: bool = True
+    ) -> None:
         stats = self.summary[split]
         stats["images"] += 1
+        stats["labelled"] = stats["labelled"] or labelled
         stats["class_pixels"] += pixels
         for raw_id, count in unknown.items():
             stats["unknown_ids"][raw_id] = stats["unknown_ids"].get(raw_id, 0) + count
@@ -362,5 +436,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             "skipped_missing_label": stats["skipped_missing_label"],
             "unknown_ids": {str(k): v for k, v in sorted(stats["unknown_ids"].items())},
             "class_pixels": stats["class_pixels"].tolist(),
+            "labelled": stats["labelled"],
         }
         metadata["class_names"] = list(self.CLASS_NAMES)
+        metadata["palette"] = [list(colour) for colour in self.palette]

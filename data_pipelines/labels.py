@@ -186,6 +186,36 @@ def count_class_pixels(label: np.ndarray, num_classes: int = NUM_CLASSES) -> np.
     return counts[:num_classes].astype(np.int64)
 
 
+def generated_palette(num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """Distinct, well separated RGB colours for a class table that brings none.
+
+    Greedy farthest-point choice on a 7-level RGB grid (342 colours): each class takes the grid
+    colour farthest (Euclidean RGB) from black and from every colour chosen before it, ties going
+    to the first in grid order. So no colour is black (the colour of ignored pixels in
+    `colorize`), any two colours (and black) are at least 42 apart (179 for up to 8 classes, 127
+    for up to 19), and a longer palette starts with a shorter one. [fixed shape] a project choice,
+    not from DAFormer (whose datasets bring their palettes).
+
+    Args:
+      num_classes: 1..254 (the uint8 class indices below 255 = ignore).
+
+    Returns:
+      num_classes (r, g, b) triples of ints in 0..255.
+    """
+    if not 0 < num_classes <= 254:
+        raise ValueError(f"num_classes must be in 1..254, got {num_classes}")
+    levels = np.round(np.linspace(0, 255, 7)).astype(np.int64)
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    # Squared distance of every grid colour to the nearest colour taken so far (black first).
+    nearest = (grid**2).sum(-1)
+    chosen = []
+    for _ in range(num_classes):
+        pick = int(np.argmax(nearest))
+        chosen.append(tuple(int(v) for v in grid[pick]))
+        nearest = np.minimum(nearest, ((grid - grid[pick]) ** 2).sum(-1))
+    return tuple(chosen)
+
+
 def colorize(label: np.ndarray, palette=PALETTE) -> np.ndarray:
     """Paints train ids with the palette (ignored pixels black).
 

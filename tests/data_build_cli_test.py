@@ -110,8 +110,8 @@ def test_interrupted_or_crashed_build_removes_its_folders(tmp_path, capsys, monk
     assert _folders(tmp_path / "out") == {"."}
 
 
-def _write_folder(tmp_path, classes_json: str | bytes) -> str:
-    fx.make_folder(str(tmp_path / "mine"))
+def _write_folder(tmp_path, classes_json: str | bytes, ids=(10, 20, 30, 40)) -> str:
+    fx.make_folder(str(tmp_path / "mine"), ids=ids)
     path = tmp_path / "mine" / "classes.json"
     if isinstance(classes_json, bytes):
         path.write_bytes(classes_json)
@@ -125,9 +125,10 @@ def _write_folder(tmp_path, classes_json: str | bytes) -> str:
     [
         ("not json", "not valid JSON (Expecting value at line 1 column 1)"),
         (b"\xff\xfe\x00", "not valid JSON (not UTF-8 text)"),
-        ("3", "the file holds a number, not an object"),
-        ('["road", "sky"]', "the file holds a list, not an object"),
-        ('{"names": ["road", "sky"]}', 'no "classes" key'),
+        ("3", "the file holds a number, not a list or an object"),
+        ('["road", "road"]', 'class names must be distinct, repeated: ["road"]'),
+        ('{"label_names": ["road", "sky"]}', 'unknown keys ["label_names"]'),
+        ('{"palette": [[1, 2, 3]]}', 'no "classes" or "names" key'),
         ('{"classes": []}', '"classes" must be a non-empty list of names (strings) or '
                             '"cityscapes", got []'),
         ('{"classes": ["road", 3]}', '"classes" must be a non-empty list of names (strings) or '
@@ -163,10 +164,25 @@ def test_bad_class_table_is_one_error_line(tmp_path, capsys, classes_json, probl
     ],
 )  # fmt: skip
 def test_accepted_class_tables_still_build(tmp_path, capsys, table, seen):
-    _write_folder(tmp_path, json.dumps(table))
+    _write_folder(tmp_path, json.dumps(table), ids=(10, 20, 30))  # 10, 30: Cityscapes void ids
     status, out, _ = _run(capsys, "--dataset", "folder", "--manual_dir", str(tmp_path / "mine"),
                           "--data_dir", str(tmp_path / "out"), "--name", "mine")  # fmt: skip
     assert status == 0 and f"train: 3 images\n    classes seen {seen}\n" in out
+
+
+def test_unmapped_label_id_fails_the_folder_build(tmp_path, capsys):
+    raw = fx.make_folder(str(tmp_path / "mine"), ids=(10, 20, 30, 40, 50))
+    status, _, err = _run(capsys, "--dataset", "folder", "--manual_dir", str(tmp_path / "mine"),
+                          "--data_dir", str(tmp_path / "out"))  # fmt: skip
+    assert status == 2 and "Traceback" not in err
+    label, classes = tmp_path / "mine" / "train" / "labels" / "a" / "one.png", tmp_path / "mine"
+    assert _error_lines(err) == [
+        f"error: label {label} has values outside the class set: 50 "
+        f"({(raw['a/one'] == 50).sum()} pixels); {classes / 'classes.json'} has 3 classes, and "
+        "its raw ids are 10, 20, 30, 40 (and 255: ignore); map other values to a class index or "
+        'to 255 in the class file\'s "id_map": {"<value>": <class index or 255>, ...}'
+    ]
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_colour_label_is_rejected_even_with_skip_corrupt_and_workers(tmp_path, capsys):

@@ -65,6 +65,8 @@ def test_synthia_reads_16bit_first_channel(tmp_path):
         assert split[i]["class_pixels"][[9, 14, 16]].sum() == 0
     summary = sources.read_metadata(sources.dataset_dir(str(tmp_path / "out"), "synthia/full"))
     assert summary["summary"]["train"]["unknown_ids"] == {}  # 13 and 22 are known void ids
+    assert summary["palette"] == [list(c) for c in labels.PALETTE]
+    assert summary["summary"]["train"]["labelled"] is True
 
 
 def test_dark_zurich_splits_and_correspondence(tmp_path):
@@ -87,7 +89,7 @@ def test_dark_zurich_splits_and_correspondence(tmp_path):
         np.testing.assert_array_equal(val[i]["label"], _expected(raw))
 
 
-def test_folder_with_id_map_and_unlabelled_split(tmp_path):
+def test_folder_with_id_map_and_unlabelled_split(tmp_path, capsys):
     raw = fx.make_folder(str(tmp_path / "mine"))
     assert _build('--dataset', 'folder', '--manual_dir', str(tmp_path / 'mine'),
                   '--data_dir', str(tmp_path / 'out'), '--name', 'mine') == 0  # fmt: skip
@@ -99,7 +101,11 @@ def test_folder_with_id_map_and_unlabelled_split(tmp_path):
         expected = np.choose(raw[name] // 10 - 1, [0, 1, 2, 255]).astype(np.uint8)
         np.testing.assert_array_equal(train[i]["label"], expected)
     meta = sources.read_metadata(sources.dataset_dir(out, "folder/mine"))
-    assert list(meta["summary"]["train"]["unknown_ids"]) == ["40"]
+    assert meta["summary"]["train"]["unknown_ids"] == {}  # 40 is mapped to 255 explicitly
+    # No colours in classes.json: the generated palette is stored.
+    assert meta["palette"] == [list(c) for c in labels.generated_palette(3)]
+    assert [meta["summary"][s]["labelled"] for s in ("train", "val")] == [True, False]
+    assert "  val: 1 images\n    no labels\n" in capsys.readouterr().out
     val = sources.open_split(out, "folder/mine", "val")
     assert set(np.unique(val[0]["label"])) == {255} and val[0]["class_pixels"].sum() == 0
 

@@ -7,6 +7,7 @@ start with a fixed run of ids whose train ids are known (`KNOWN_ROW` / `SYNTHIA_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -21,6 +22,7 @@ KNOWN_ROW_TRAIN_IDS = list(range(19)) + [255, 255, 255]
 # SYNTHIA class ids (first channel) and their train ids (void 0, parking 13, lanemarking 22 -> 255).
 SYNTHIA_KNOWN_ROW = [3, 4, 2, 21, 5, 7, 15, 9, 6, 1, 10, 17, 8, 19, 12, 11, 0, 13, 22]
 SYNTHIA_KNOWN_ROW_TRAIN_IDS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18] + [255] * 3
+IGNORE = 255
 
 
 def write_png(path: str, array: np.ndarray) -> None:
@@ -170,21 +172,158 @@ def make_dark_zurich(root: str, height: int = 18, width: int = 32, seed: int = 0
     return written
 
 
-def make_folder(root: str, seed: int = 0) -> dict:
-    """A user's domain: 3 classes with an id map, labelled train, unlabelled val images."""
+def make_folder(root: str, seed: int = 0, ids=(10, 20, 30, 40)) -> dict:
+    """A user's domain: 3 classes with an id map (10, 20, 30 -> 0, 1, 2 and 40 -> 255), labelled
+    train with the raw `ids`, unlabelled val images."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "classes.json"), "w") as f:
-        json.dump(
-            {"classes": ["ground", "object", "sky"], "id_map": {"10": 0, "20": 1, "30": 2}}, f
-        )
+        id_map = {"10": 0, "20": 1, "30": 2, "40": 255}
+        json.dump({"classes": ["ground", "object", "sky"], "id_map": id_map}, f)
     labels = {}
     for name in ("a/one", "a/two", "b/three"):
         write_png(os.path.join(root, "train", "images", name + ".jpg"), random_image(rng, 16, 20))
-        labels[name] = rng.choice(np.array([10, 20, 30, 40], np.uint8), size=(16, 20))
+        labels[name] = rng.choice(np.array(ids, np.uint8), size=(16, 20))
         write_png(os.path.join(root, "train", "labels", name + ".png"), labels[name])
     write_png(os.path.join(root, "val", "images", "x.png"), random_image(rng, 16, 20))
     return labels
+
+
+# The first class names of `make_folder_pair` (more classes are `class_<i>`).
+PAIR_CLASS_NAMES = ("ground", "wall", "tree", "sky", "car")
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderPair:
+    """What `make_folder_pair` wrote.
+
+    Attributes:
+      source, target, target_val: the three folders; classes: the class file.
+      class_names: the class names; palette: the colours the class file gives.
+      labels: {"source_train" / "target_val": {name: uint8 [H, W] class indices, 255 ignore}},
+        each in the build's record order.
+      target_names: target_train's names in the build's record order.
+    """
+
+    source: str
+    target: str
+    target_val: str
+    classes: str
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    labels: dict[str, dict[str, np.ndarray]]
+    target_names: list[str]
+
+    def build_args(self, data_dir: str, name: str = "pair", *extra: str) -> list[str]:
+        """`data_pipelines.build.main` arguments that build this pair as `folder/<name>`."""
+        return ['--dataset', 'folder', '--source', self.source, '--target', self.target,
+                '--target_val', self.target_val, '--classes', self.classes, '--name', name,
+                '--data_dir', data_dir, *extra]  # fmt: skip
+
+
+def _scene(rng, num_classes: int, height: int, width: int, first: int) -> np.ndarray:
+    """Class indices in 4x4 blocks, row 0's blocks starting first, first + 1, ... (mod K)."""
+    rows, cols = -(-height // 4), -(-width // 4)
+    blocks = rng.integers(0, num_classes, (rows, cols))
+    blocks[0] = (first + np.arange(cols)) % num_classes
+    return np.kron(blocks, np.ones((4, 4), np.int64))[:height, :width].astype(np.uint8)
+
+
+def _styled(rng, label: np.ndarray, palette: np.ndarray, target: bool) -> np.ndarray:
+    """An image whose colour follows the label: the class colour (grey where ignored) + noise;
+    the target style is darker and tinted (a domain shift a model can bridge)."""
+    colours = np.full((256, 3), 128.0)
+    colours[: len(palette)] = palette
+    image = colours[label] + rng.normal(0, 12, label.shape + (3,))
+    if target:
+        image = image * np.array([0.5, 0.6, 0.8]) + np.array([60.0, 30.0, 10.0])
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def make_folder_pair(
+    root: str,
+    num_classes: int = 5,
+    height: int = 16,
+    width: int = 24,
+    num_source: int = 4,
+    num_target: int = 4,
+    num_val: int = 2,
+    seed: int = 0,
+    class_file=None,
+    target_images_folder: bool = True,
+) -> FolderPair:
+    """A source / target domain pair in the `--source / --target / --target_val` layout.
+
+    `root/source/images/**` + `labels/**` (some names in a subfolder, one image a .jpg; labels
+    are class indices in 4x4 blocks, row 0 cycling through the classes, a few 255 pixels),
+    `root/target/images/**` (or the images straight under `root/target` with
+    `target_images_folder=False`; names nested one and two folders deep; no labels),
+    `root/target_val/images` + `labels`, and the class file
+    `root/classes.json` ({"classes": names, "palette": colours} unless `class_file` gives the
+    JSON value to write). Images are the class colour plus noise, the target's darker and tinted.
+
+    Args:
+      root: folder to write into.
+      num_classes: 1..254 classes.
+      height, width: image size.
+      num_source, num_target, num_val: images per folder.
+      seed: seed of the labels and noise.
+      class_file: JSON value written as the class file instead of the default.
+      target_images_folder: put the target images in `target/images/` (else in `target/`).
+
+    Returns:
+      A `FolderPair` naming the folders and holding what was written.
+    """
+    rng = np.random.default_rng(seed)
+    names = tuple(PAIR_CLASS_NAMES[:num_classes]) + tuple(
+        f"class_{i}" for i in range(len(PAIR_CLASS_NAMES), num_classes)
+    )
+    palette = tuple(
+        ((i + 1) * 37 % 256, (i + 1) * 91 % 256, (i + 1) * 53 % 256) for i in range(num_classes)
+    )
+    colours = np.array(palette, np.float64)
+    os.makedirs(root, exist_ok=True)
+    classes = os.path.join(root, "classes.json")
+    with open(classes, "w") as f:
+        json.dump(
+            {"classes": list(names), "palette": palette} if class_file is None else class_file, f
+        )
+    labels = {"source_train": {}, "target_val": {}}
+    written = {}
+    for split, folder, prefix, count in (
+        ("source_train", "source", "src", num_source),
+        ("target_val", "target_val", "val", num_val),
+    ):
+        for i in range(count):
+            name = f"{prefix}_{i:03d}" if i % 2 == 0 else f"b/{prefix}_{i:03d}"
+            label = _scene(rng, num_classes, height, width, first=i * 3)
+            if split == "source_train":
+                label[-1, :3] = IGNORE
+            ext = ".jpg" if (split, i) == ("source_train", 1) else ".png"
+            image_path = os.path.join(root, folder, "images", name + ext)
+            write_png(image_path, _styled(rng, label, colours, split == "target_val"))
+            write_png(os.path.join(root, folder, "labels", name + ".png"), label)
+            written[(split, image_path)] = (name, label)
+    for (split, _), (name, label) in sorted(written.items()):
+        labels[split][name] = label
+    target = os.path.join(root, "target")
+    image_root = os.path.join(target, "images") if target_images_folder else target
+    paths = {}
+    for i in range(num_target):
+        name = ("", "sub/", "sub/deeper/")[i % 3] + f"tgt_{i:03d}"
+        label = _scene(rng, num_classes, height, width, first=i)
+        paths[os.path.join(image_root, name + ".png")] = name
+        write_png(os.path.join(image_root, name + ".png"), _styled(rng, label, colours, True))
+    return FolderPair(
+        source=os.path.join(root, "source"),
+        target=target,
+        target_val=os.path.join(root, "target_val"),
+        classes=classes,
+        class_names=names,
+        palette=palette,
+        labels=labels,
+        target_names=[paths[p] for p in sorted(paths)],
+    )
 
 
 # Cityscapes label ids of the classes with instances (cityscapesscripts `hasInstances`): person,
