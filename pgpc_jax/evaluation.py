@@ -12,10 +12,7 @@ The protocol is DAFormer's (mmseg v0.16 as vendored in lhoyer/DAFormer):
     mean of their softmax outputs, taken at the input size and resized to the label size
     (`ensemble_probabilities`), as FDA's multi-band evaluation (`evaluation_multi.py`) averages
     its three models. One model keeps the path above.
-  * mIoU is mmseg `mean_iou`: intersection and union accumulated over the whole dataset, one
-    IoU per class (NaN when the class is neither in the labels nor in the predictions), then the
-    nanmean over classes. cityscapesscripts `evalPixelLevelSemanticLabeling` gives the same
-    numbers (a test checks it).
+  * mIoU is mmseg `mean_iou` (`scores.py`), over the run's class names (`class_set.py`).
 
 SYNTHIA→Cityscapes: DAFormer's logs show the 19-class mIoU and its README reports
 mIoU16 = mIoU19 · 19/16, which holds only because a SYNTHIA-trained model never predicts terrain,
@@ -41,65 +38,17 @@ from data_pipelines import labels as label_table
 from pgpc_jax import sharding
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
+from pgpc_jax.scores import (
+    confusion_matrix,
+    default_class_names,
+    iou_table,
+    metrics_from_confusion,
+)
 from pgpc_jax.uda import day_night
 
 MODES = ("whole", "slide")
 # Largest pixel count an int32 confusion matrix can take before a cell might overflow.
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def confusion_matrix(
-    pred: jax.Array,
-    label: jax.Array,
-    num_classes: int,
-    ignore_index: int = label_table.IGNORE_INDEX,
-) -> jax.Array:
-    """Counts (label, prediction) pairs over the valid pixels.
-
-    Pixels whose label is `ignore_index` or outside [0, K) do not count (mmseg's `histc` drops
-    labels >= K too). Masks are weights, never boolean indexing, so this is jittable and works
-    on a batch sharded over a mesh (XLA reduces the per-device counts).
-
-    Args:
-      pred: int [B, H, W] predicted class ids in [0, K).
-      label: int [B, H, W] ground-truth ids; `ignore_index` marks unlabelled pixels.
-      num_classes: K.
-      ignore_index: label value that is not evaluated.
-
-    Returns:
-      int32 [K, K] matrix, rows = ground truth, columns = prediction.
-    """
-    k = num_classes
-    label = label.astype(jnp.int32).reshape(-1)
-    pred = jnp.clip(pred.astype(jnp.int32).reshape(-1), 0, k - 1)
-    valid = (label != ignore_index) & (label >= 0) & (label < k)
-    index = jnp.where(valid, label * k + pred, 0)
-    counts = jnp.bincount(index, weights=valid.astype(jnp.int32), length=k * k)
-    return counts.astype(jnp.int32).reshape(k, k)
-
-
-def miou_from_confusion(
-    cm: np.ndarray, class_subset: Sequence[int] | None = None
-) -> tuple[float, np.ndarray]:
-    """Mean IoU from a dataset-accumulated confusion matrix, as mmseg `mean_iou`.
-
-    Args:
-      cm: [K, K] counts, rows = ground truth, columns = prediction.
-      class_subset: class ids the mean is taken over (e.g. `labels.MIOU16_CLASSES`); all K
-        when None.
-
-    Returns:
-      (mIoU as a float in [0, 1] (NaN if no class of the subset occurs),
-       float64 [K] IoU of every class, NaN where the union is empty).
-    """
-    cm = np.asarray(cm, np.float64)
-    intersection = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - intersection
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
-    subset = iou if class_subset is None else iou[np.asarray(class_subset, np.int64)]
-    miou = float(np.nanmean(subset)) if np.any(~np.isnan(subset)) else float("nan")
-    return miou, iou
 
 
 def whole_inference(
@@ -368,68 +317,6 @@ def class_weights_of(config) -> tuple[float, ...] | None:
     return tuple(float(w) for w in np.asarray(day_night.class_weights(strength=strength)))
 
 
-def metric_name(class_name: str) -> str:
-    """'traffic light' -> 'eval/iou/traffic_light'."""
-    return "eval/iou/" + class_name.replace(" ", "_")
-
-
-def metrics_from_confusion(
-    cm: np.ndarray, class_names: Sequence[str] | None = None
-) -> dict[str, float]:
-    """{'eval/miou', ['eval/miou16', 'eval/miou13' for the 19 Cityscapes classes],
-    'eval/iou/<class>'}: fractions in [0, 1], NaN for classes absent from labels and predictions."""
-    k = cm.shape[0]
-    names = class_names or _class_names(k)
-    miou, iou = miou_from_confusion(cm)
-    metrics = {"eval/miou": miou}
-    if k == label_table.NUM_CLASSES:
-        metrics["eval/miou16"] = miou_from_confusion(cm, label_table.MIOU16_CLASSES)[0]
-        metrics["eval/miou13"] = miou_from_confusion(cm, label_table.MIOU13_CLASSES)[0]
-    for name, value in zip(names, iou, strict=True):
-        metrics[metric_name(name)] = float(value)
-    return metrics
-
-
-def iou_table(metrics: Mapping[str, float], class_names: Sequence[str]) -> str:
-    """A markdown table (aligned as plain text too) of the per-class IoU and the means, in %."""
-    rows = [(name, metrics[metric_name(name)]) for name in class_names]
-    for key, title in (("eval/miou", "mIoU"), ("eval/miou16", "mIoU16"), ("eval/miou13", "mIoU13")):
-        if key in metrics:
-            rows.append((f"**{title}**" if key == "eval/miou" else title, metrics[key]))
-    width = max(len("class"), *(len(r[0]) for r in rows))
-    lines = [f"| {'class':<{width}} | {'IoU':>6} |", f"|{'-' * (width + 2)}|-------:|"]
-    for name, value in rows:
-        text = "n/a" if np.isnan(value) else f"{100 * value:.2f}"
-        lines.append(f"| {name:<{width}} | {text:>6} |")
-    return "\n".join(lines)
-
-
-def iou_markdown(metrics: Mapping[str, float]) -> str:
-    """The per-class IoU (`eval/iou/<name>` keys) and the mIoUs as a markdown table (a class
-    absent from the labels and the predictions: n/a)."""
-    rows = [
-        (k[len("eval/iou/") :].replace("_", " "), v)
-        for k, v in metrics.items()
-        if k.startswith("eval/iou/")
-    ]
-    rows += [
-        (k[len("eval/") :].replace("miou", "mIoU"), v)
-        for k, v in metrics.items()
-        if k.startswith("eval/miou")
-    ]
-    cells = [
-        f"| {name} | {'n/a' if not np.isfinite(value) else f'{100 * value:.2f}'} |"
-        for name, value in rows
-    ]
-    return "| class | IoU (%) |\n|---|---:|\n" + "\n".join(cells)
-
-
-def _class_names(num_classes: int) -> tuple[str, ...]:
-    if num_classes == label_table.NUM_CLASSES:
-        return label_table.CLASSES
-    return tuple(f"class_{i}" for i in range(num_classes))
-
-
 def _mesh_of(variables: Mapping) -> Any:
     leaf = jax.tree.leaves(variables)[0]
     spec = getattr(leaf, "sharding", None)
@@ -457,6 +344,7 @@ def save_visualizations(
     ignore_index: int = label_table.IGNORE_INDEX,
     write: bool = True,
     collect: list | None = None,
+    class_colors: Sequence[Sequence[int]] = label_table.PALETTE,
 ) -> int:
     """Write `<i>_pred.png` and `<i>_label.png` colour images for up to `count` examples.
 
@@ -469,6 +357,7 @@ def save_visualizations(
       write: False only counts (processes other than 0 count along with it).
       collect: if a list, the colour images are also appended to it, as
         {'pred': uint8 [H, W, 3], 'label': uint8 [H, W, 3]} per example.
+      class_colors: RGB colour of each class (ignored pixels black).
 
     Returns:
       The number of examples written.
@@ -480,8 +369,8 @@ def save_visualizations(
             directory.mkdir(parents=True, exist_ok=True)
         for n, i in enumerate(keep, start):
             colours = {
-                "pred": label_table.colorize(preds[i]),
-                "label": label_table.colorize(labels[i]),
+                "pred": label_table.colorize(preds[i], class_colors),
+                "label": label_table.colorize(labels[i], class_colors),
             }
             if collect is not None:
                 collect.append(colours)
@@ -515,6 +404,7 @@ def evaluate(
     visualizations: list | None = None,
     progress: Any = None,
     class_weights: Sequence[float] | None = None,
+    class_colors: Sequence[Sequence[int]] | None = None,
 ) -> tuple[dict[str, float], str]:
     """Evaluate a model over a finite iterable of batches.
 
@@ -534,7 +424,8 @@ def evaluate(
       ignore_index: label value not evaluated.
       num_visualizations: colour predictions saved for the first N (non-padding) images.
       visualization_dir: where to save them (None: no files, e.g. only `visualizations`).
-      class_names: names for the metric keys; Cityscapes' 19 when K = 19.
+      class_names: names for the metric keys and the table (`class_set.names_and_colors`);
+        `scores.default_class_names(K)` when None.
       mesh: ('data',) mesh the batches are sharded over; found from the variables' sharding
         when None (none: a single device).
       windows_per_call: sliding windows evaluated together.
@@ -544,6 +435,7 @@ def evaluate(
       class_weights: K weights of the test-time class reweighting (`class_weights_of`): the
         prediction is the argmax of softmax x weights at the input size, resized to the labels
         (SePiCo's day-night test); None: the argmax of the logits.
+      class_colors: RGB colour per class of the visualizations; Cityscapes' when None.
 
     Returns:
       (metrics, table): metrics as `metrics_from_confusion` (plus 'eval/num_pixels', the
@@ -557,7 +449,7 @@ def evaluate(
         if not variables:
             raise ValueError("evaluate: an empty list of variables")
         variables = tuple(variables)
-    names = tuple(class_names or _class_names(num_classes))
+    names = tuple(class_names or default_class_names(num_classes))
     mesh = mesh if mesh is not None else _mesh_of(variables)
     step = _eval_step(
         model,
@@ -607,6 +499,7 @@ def evaluate(
                 ignore_index,
                 write=jax.process_index() == 0,
                 collect=visualizations,
+                class_colors=label_table.PALETTE if class_colors is None else class_colors,
             )
         if progress is not None:  # the global batch (its padding is not counted past the total)
             progress.update(image.shape[0] * jax.process_count())

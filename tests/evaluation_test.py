@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import tiny
 from data_pipelines import labels
-from pgpc_jax import evaluation, sharding
+from pgpc_jax import evaluation, scores, sharding
 from pgpc_jax.models import segmentor
 
 K = labels.NUM_CLASSES
@@ -51,7 +51,7 @@ def test_confusion_matrix_matches_numpy_and_skips_ignored():
     rng = np.random.default_rng(0)
     pred, label = _random_pair(rng, (3, 40, 56))
     label[0, :4, :4] = 200  # neither a class nor ignore_index: not counted, as mmseg's histc
-    cm = np.asarray(jax.jit(evaluation.confusion_matrix, static_argnums=2)(pred, label, K))
+    cm = np.asarray(jax.jit(scores.confusion_matrix, static_argnums=2)(pred, label, K))
     expected = np.zeros((K, K), np.int64)
     valid = label < K
     np.add.at(expected, (label[valid], pred[valid]), 1)
@@ -60,7 +60,7 @@ def test_confusion_matrix_matches_numpy_and_skips_ignored():
     assert cm.sum() == valid.sum()
     # The prediction at ignored pixels does not matter.
     pred2 = np.where(label == 255, (pred + 1) % K, pred)
-    np.testing.assert_array_equal(evaluation.confusion_matrix(pred2, label, K), cm)
+    np.testing.assert_array_equal(scores.confusion_matrix(pred2, label, K), cm)
 
 
 def test_confusion_matrix_sharded_equals_unsharded():
@@ -69,9 +69,9 @@ def test_confusion_matrix_sharded_equals_unsharded():
     pred, label = _random_pair(rng, (8, 24, 32))
     mesh = sharding.make_mesh()
     spec = NamedSharding(mesh, P("data"))
-    cm_fn = jax.jit(evaluation.confusion_matrix, static_argnums=2)
+    cm_fn = jax.jit(scores.confusion_matrix, static_argnums=2)
     sharded = cm_fn(jax.device_put(pred, spec), jax.device_put(label, spec), K)
-    single = evaluation.confusion_matrix(pred, label, K)
+    single = scores.confusion_matrix(pred, label, K)
     np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
 
 
@@ -81,14 +81,14 @@ def test_miou_matches_mmseg_formula_and_subsets():
     label[label == 7] = 255  # class 7: absent from the labels ...
     pred[pred == 7] = 8  # ... and from the predictions: NaN, left out of the mean
     pred[pred == 9] = 10  # class 9: in the labels, never predicted: IoU 0
-    cm = np.asarray(evaluation.confusion_matrix(pred, label, K))
-    miou, iou = evaluation.miou_from_confusion(cm)
+    cm = np.asarray(scores.confusion_matrix(pred, label, K))
+    miou, iou = scores.miou_from_confusion(cm)
     expected_miou, expected_iou = _numpy_mean_iou(pred, label, K)
     np.testing.assert_allclose(iou, expected_iou, rtol=1e-12)
     assert np.isnan(iou[7]) and iou[9] == 0
     assert miou == pytest.approx(expected_miou, rel=1e-12)
-    miou16, _ = evaluation.miou_from_confusion(cm, labels.MIOU16_CLASSES)
-    miou13, _ = evaluation.miou_from_confusion(cm, labels.MIOU13_CLASSES)
+    miou16, _ = scores.miou_from_confusion(cm, labels.MIOU16_CLASSES)
+    miou13, _ = scores.miou_from_confusion(cm, labels.MIOU13_CLASSES)
     assert miou16 == pytest.approx(np.nanmean(iou[list(labels.MIOU16_CLASSES)]))
     assert miou13 == pytest.approx(np.nanmean(iou[list(labels.MIOU13_CLASSES)]))
     assert len(labels.MIOU16_CLASSES) == 16 and len(labels.MIOU13_CLASSES) == 13
@@ -99,10 +99,10 @@ def test_miou16_is_readme_rescaling_when_synthia_classes_score_zero():
     pred, label = _random_pair(rng, (2, 32, 48), ignore_share=0.0)
     for c in (9, 14, 16):  # a SYNTHIA model never predicts terrain, truck, train
         pred[pred == c] = 0
-    cm = np.asarray(evaluation.confusion_matrix(pred, label, K))
-    miou19, iou = evaluation.miou_from_confusion(cm)
+    cm = np.asarray(scores.confusion_matrix(pred, label, K))
+    miou19, iou = scores.miou_from_confusion(cm)
     assert not np.isnan(iou).any() and (iou[[9, 14, 16]] == 0).all()
-    miou16, _ = evaluation.miou_from_confusion(cm, labels.MIOU16_CLASSES)
+    miou16, _ = scores.miou_from_confusion(cm, labels.MIOU16_CLASSES)
     assert miou16 == pytest.approx(miou19 * 19 / 16)
 
 
@@ -129,12 +129,10 @@ def test_miou_matches_cityscapesscripts(tmp_path, monkeypatch):
         monkeypatch.setattr(cs.args, key, value)
     result = cs.evaluateImgLists(pred_files, gt_files, cs.args)
 
-    metrics = evaluation.metrics_from_confusion(
-        np.asarray(evaluation.confusion_matrix(pred, label, K))
-    )
+    metrics = scores.metrics_from_confusion(np.asarray(scores.confusion_matrix(pred, label, K)))
     for train_id, name in enumerate(labels.CLASSES):
         theirs = result["classScores"][trainId2label[train_id].name]
-        assert metrics[evaluation.metric_name(name)] == pytest.approx(theirs, rel=1e-12), name
+        assert metrics[scores.metric_name(name)] == pytest.approx(theirs, rel=1e-12), name
     assert metrics["eval/miou"] == pytest.approx(result["averageScoreClasses"], rel=1e-12)
 
 
@@ -265,7 +263,7 @@ def test_evaluate_sharded_with_visualizations(tmp_path, monkeypatch):
         pred = np.asarray(jnp.argmax(logits, -1))
         valid = batch["label"] != 255
         np.add.at(cm, (batch["label"][valid], pred[valid]), 1)
-    expected = evaluation.metrics_from_confusion(cm)
+    expected = scores.metrics_from_confusion(cm)
     assert metrics["eval/num_pixels"] == cm.sum()
     for key, value in expected.items():
         np.testing.assert_allclose(metrics[key], value, rtol=1e-12, err_msg=key)
