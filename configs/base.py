@@ -21,6 +21,7 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.backbone = "b5"
     # 'daformer' (DAFormer head) or 'segformer' (SegFormer all-MLP head).
     model.head = "daformer"
+    # Output classes; 0 takes the count of the data (classes='data').
     model.num_classes = 19
     # Per-level embedding width of the head: 256 in DAFormer (SegFormer: 256 for b0/b1, else 768).
     model.head_embed_dim = 256
@@ -52,6 +53,8 @@ def get_data_config() -> ml_collections.ConfigDict:
             crop_size=(512, 512),
             scale=(1280, 720),
             cat_max_ratio=0.75,
+            # Horizontal flips; 0 when a mirror image means something else (text, digits, maps,
+            # left / right classes) or the images have a fixed handedness.
             flip_prob=0.5,
             # Rare-class sampling: class temperature, min pixels of the class in the image,
             # min share of those pixels in the crop (re-drawn up to 10 times).
@@ -69,6 +72,7 @@ def get_data_config() -> ml_collections.ConfigDict:
             batch_size=2,
             crop_size=(512, 512),
             scale=(1024, 512),
+            # As data.source.flip_prob (0 for text, digits, maps, left / right classes).
             flip_prob=0.5,
             # Each night image with its paired day image as `day_image`, resized, cropped and
             # flipped with it (Dark Zurich's train_night split; SePiCo's day-night variant).
@@ -91,8 +95,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.method = ""
     config.seed = 0
     config.model = get_model_config()
-    # Label space of the model's outputs (names and colours from data_pipelines.labels).
+    # Label space of the model's outputs: 'cityscapes' (the 19 classes, names and colours from
+    # data_pipelines.labels) or 'data' (the builds' own class set, `configs/folder.py`).
     config.classes = "cityscapes"
+    # Filled in at start-up for classes='data' from the source build (its class file): the
+    # names and RGB colours, kept in the run's config.json for evaluate / predict / export.
+    config.class_names = ()
+    config.class_colors = ()
     config.data = get_data_config()
 
     config.num_train_steps = 40_000
@@ -134,14 +143,20 @@ def get_config() -> ml_collections.ConfigDict:
             # 'scalar': DAFormer's one weight per batch (share of confident pixels);
             # 'pixel': confident pixels weight 1, the rest 0.
             pseudo_weight="scalar",
-            # Rows of the target crop whose pseudo-label weight is 0 (rectification, ego car).
+            # Rows of the target crop whose pseudo-label weight is 0 (Cityscapes' rectification
+            # border and ego car); 0 for images without such rows.
             pseudo_ignore_top=15,
             pseudo_ignore_bottom=120,
             # Multiplies the target weight (PGPC's lambda_t = 0.8; DAFormer 1.0).
             target_weight=1.0,
+            # DACS' augmentations of the mixed image (besides the ClassMix that defines it):
+            # colour jitter (brightness, contrast, saturation, hue) of this strength.
             color_jitter_strength=0.2,
-            # Probability of applying colour jitter (DAFormer: when U > 0.2) and blur (U > 0.5).
+            # Probability of the colour jitter (DAFormer: when U > 0.2); 0 turns it off, for
+            # data whose colour tells classes apart (stained tissue, land-cover spectra).
             color_jitter_prob=0.8,
+            # Probability of the Gaussian blur (U > 0.5); 0 turns it off, for data whose fine
+            # texture or thin structures are the class (cracks, vessels, text).
             blur_prob=0.5,
             # ImageNet feature distance on thing classes of the source (0 disables it).
             fd_lambda=0.005,

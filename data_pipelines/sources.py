@@ -9,7 +9,8 @@ need labels (the target domain) skips decoding them. Each element is
   class_pixels int64 [num_classes]
   name         str
 and `source.class_pixels` is the whole split's int64 [N, num_classes] table, read from
-`metadata.json` without touching the records (rare-class sampling needs it up front).
+`metadata.json` without touching the records (rare-class sampling needs it up front), as are
+`source.class_names` and `source.palette` (the class set a run takes from its data).
 
 A dataset that is not built raises `DatasetNotBuiltError` (a FileNotFoundError) whose message is
 the exact build command for it; a split the build lacks raises `UnknownSplitError` listing the
@@ -184,6 +185,9 @@ class SegmentationSource(Sequence):
         self._records = builder.as_data_source(split=split, decoders=_SKIP)
         metadata = read_metadata(builder_dir)
         self.class_names = tuple(metadata["class_names"])
+        # RGB per class (builds before the palette was recorded: None, the default colours).
+        palette = metadata.get("palette")
+        self.palette = tuple(tuple(int(v) for v in c) for c in palette) if palette else None
         self.class_pixels = np.asarray(metadata["class_pixels"][split], np.int64).reshape(
             len(self._records), len(self.class_names)
         )

@@ -62,13 +62,16 @@ def _finite(value: Any, key: str, low: float = 0.0, positive: bool = False) -> N
         raise ConfigError(f"{key}={value!r}: expected {what}")
 
 
-def check_model(model: Any, prefix: str = "model") -> None:
-    """The `model` group: known variants, positive sizes."""
+def check_model(model: Any, prefix: str = "model", classes_from_data: bool = False) -> None:
+    """The `model` group: known variants, positive sizes (`num_classes` may be 0 when
+    `classes_from_data`: the count of the data, filled in at start-up)."""
     _choice(model.backbone, f"{prefix}.backbone", MIT_VARIANTS)
     _choice(model.head, f"{prefix}.head", segmentor.HEADS)
     _choice(model.dtype, f"{prefix}.dtype", segmentor.DTYPES)
     _choice(model.layer_norm, f"{prefix}.layer_norm", ("mmseg", "hf"))
     for key in ("num_classes", "head_embed_dim", "head_channels"):
+        if key == "num_classes" and classes_from_data and model[key] == 0:
+            continue
         _positive_int(model[key], f"{prefix}.{key}")
     for key in ("dropout_rate", "drop_path_rate"):
         _finite(model[key], f"{prefix}.{key}")
@@ -97,7 +100,8 @@ def check_config(config: Any) -> None:
     """Raise `ConfigError` for the first value that cannot work (see the module docstring)."""
     from pgpc_jax import evaluation, predict
 
-    check_model(config.model)
+    _choice(config.get("classes", "cityscapes"), "classes", ("cityscapes", "data"))
+    check_model(config.model, classes_from_data=config.get("classes") == "data")
     for key in ("num_train_steps", "log_every_steps", "eval_every_steps"):
         _positive_int(config[key], key)
     _positive_int(config.checkpoint_every_steps, "checkpoint_every_steps")

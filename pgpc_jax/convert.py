@@ -510,6 +510,8 @@ COMMANDS = ("to-flax", "to-torch")
 
 
 def _run(argv: list[str]) -> None:
+    from pgpc_jax import class_set  # the trainer's class sets; this module stays low-level
+
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"expected one command, {' or '.join(COMMANDS)}; got {argv[1:]}")
     if not FLAGS.src or not FLAGS.format or not FLAGS.out:
@@ -530,7 +532,7 @@ def _run(argv: list[str]) -> None:
             "source": os.path.abspath(FLAGS.src),
             "format": FLAGS.format,
             "which": FLAGS.which,
-            "classes": FLAGS.config.classes,
+            **class_set.meta_fields(FLAGS.config),
         }
         checkpointing.save_variables(FLAGS.out, variables, model_cfg, meta)
         print(
@@ -546,7 +548,8 @@ def _run(argv: list[str]) -> None:
     check_auxiliary_option(FLAGS.format, auxiliary_heads)
     variables, model_cfg, meta = load_weights_dir(FLAGS.src)
     state = from_flax(variables, FLAGS.format, auxiliary_heads)
-    classes, palette = class_table(meta.get("classes", "cityscapes"))
+    classes, palette = class_set.names_and_colors(meta)
+    palette = [list(c) for c in palette]
     if FLAGS.format == "hf":
         write_hf(FLAGS.out, state, model_cfg, classes)
     else:

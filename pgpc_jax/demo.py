@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from pgpc_jax import checkpointing, predict
+from pgpc_jax import checkpointing, class_set, predict
 from pgpc_jax.cli import parse_flags, resolve_config
 from pgpc_jax.models import segmentor
 
@@ -48,7 +48,10 @@ def run_demo(config, out_dir: str, height: int = 512, width: int = 1024) -> list
     )
     weights = os.path.join(out_dir, "weights")
     checkpointing.save_variables(
-        weights, variables, model_cfg, {"classes": config.classes, "source": "random init (demo)"}
+        weights,
+        variables,
+        model_cfg,
+        {**class_set.meta_fields(config), "source": "random init (demo)"},
     )
     model, variables = predict.load_model(model_cfg, weights, "flax")
     written = predict.predict_files(model, variables, [image_path], out_dir, save_logits=True)

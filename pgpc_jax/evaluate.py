@@ -19,7 +19,10 @@
 Images are found recursively under --images; each is matched to the label
 `<labels>/<same sub-folder>/<stem><label-suffix>`, where the stem is the file name without
 --image-suffix (without its extension when the suffix is not given). Labels are train-id PNGs
-(0..K-1, 255 ignored) at the images' original size, as Cityscapes `*_labelTrainIds.png`.
+(0..K-1, 255 ignored) at the images' original size, as Cityscapes `*_labelTrainIds.png`. A
+config on its own class set (`configs/folder.py`, classes='data') takes the class count, names
+and colours from the trained run given as --weights (its config.json); weights trained on
+another class set than the config's are one error line naming both.
 
 The protocol is DAFormer's (`pgpc_jax.evaluation`): the image is normalised, optionally resized
 to --resize W,H (bilinear, in float), the logits are brought back to the label size, and the
@@ -68,8 +71,17 @@ from ml_collections import config_flags
 from PIL import Image
 
 from data_pipelines import labels as label_table
-from pgpc_jax import checkpointing, evaluation, metrics_logging, predict, weights
+from pgpc_jax import (
+    checkpointing,
+    class_set,
+    evaluation,
+    metrics_logging,
+    predict,
+    scores,
+    weights,
+)
 from pgpc_jax.cli import parse_flags
+from pgpc_jax.config_checks import ConfigError
 from pgpc_jax.torch_names import ConversionError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -312,7 +324,7 @@ def cityscapes_metrics(result: dict, class_names: Sequence[str]) -> dict[str, fl
     'cityscapes/miou_categories' and, with instance images, 'cityscapes/niou'."""
     metrics = {"cityscapes/miou": float(result["averageScoreClasses"])}
     for name in class_names:
-        key = evaluation.metric_name(name).replace("eval/", "cityscapes/")
+        key = scores.metric_name(name).replace("eval/", "cityscapes/")
         metrics[key] = float(result["classScores"][name])
     metrics["cityscapes/miou_categories"] = float(result["averageScoreCategories"])
     if result["evalInstLevelScore"]:
@@ -405,6 +417,8 @@ def main(argv: list[str]) -> None:
         )
         check_sizes(pairs)
         resize = predict.parse_size(FLAGS.resize)
+        class_set.adopt_from_weights(config, paths)
+        names, colors = class_set.names_and_colors(config)
         if official:  # every Cityscapes check before the model is loaded
             cityscapes_eval_module()
             if config.classes != "cityscapes" or config.model.num_classes != 19:
@@ -437,6 +451,8 @@ def main(argv: list[str]) -> None:
             visualization_dir=os.path.join(FLAGS.out, "predictions") if FLAGS.out else None,
             progress=metrics_logging.Progress("evaluating", len(pairs)),
             class_weights=evaluation.class_weights_of(config),
+            class_names=names,
+            class_colors=colors,
         )
         seconds = time.time() - start
         if official:
@@ -457,6 +473,7 @@ def main(argv: list[str]) -> None:
             metrics.update(cityscapes_metrics(result, label_table.CLASSES))
     except (
         EvaluateError,
+        ConfigError,
         predict.PredictError,
         ConversionError,
         checkpointing.CheckpointError,

@@ -45,7 +45,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from pgpc_jax import checkpointing, convert, weights
+from pgpc_jax import checkpointing, class_set, convert, weights
 from pgpc_jax.cli import parse_flags
 from pgpc_jax.torch_names import AUXILIARY_OPTIONS, ConversionError, variables_to_canonical
 
@@ -155,12 +155,12 @@ def export_run(
     variables = teacher if which == "teacher" else student
     notes = convert.auxiliary_note(variables, fmt, auxiliary_heads)
     source = f"{checkpointing.run_path(workdir)}/{'best' if best else 'checkpoints'}/{step}"
-    label_space = config.get("classes", "cityscapes")
-    classes, palette = convert.class_table(label_space)
+    classes, palette = class_set.names_and_colors(config)
+    palette = [list(c) for c in palette]
     try:
         if fmt == "flax":
             meta = {"source": source, "format": "run", "step": step, "which": WHICH[which]}
-            meta["classes"] = label_space
+            meta.update(class_set.meta_fields(config))
             if auxiliary_heads == "drop":
                 variables = convert.without_auxiliary(variables)
             checkpointing.save_variables(out, variables, model_cfg, meta)

@@ -7,9 +7,13 @@
   python -m pgpc_jax.predict --config configs/gta2cs.py --weights runs/gta2cs \
       --resize 1024,512 --out predictions/ frankfurt_000000_000294.png
 
+A config on its own class set (`configs/folder.py`) takes the class count and colours from the
+run given as --weights.
+
 For each IMAGE it writes to --out:
   <stem>_trainids.png   uint8 train ids (0..K-1), as Cityscapes `*_labelTrainIds.png`
-  <stem>_color.png      the prediction in the Cityscapes palette
+  <stem>_color.png      the prediction in the class colours (Cityscapes', or the run's own
+                        for a class set of its data: `class_set.py`)
   <stem>_logits.npy     with --save-logits: float32 logits [H, W, K] at the image's size
 
 Inference is DAFormer's (mmseg `whole` mode): RGB normalised by the ImageNet mean / std, the
@@ -34,8 +38,9 @@ from PIL import Image
 
 from data_pipelines import labels as label_table
 from data_pipelines import transforms
-from pgpc_jax import checkpointing, convert, evaluation, weights
+from pgpc_jax import checkpointing, class_set, evaluation, weights
 from pgpc_jax.cli import parse_flags
+from pgpc_jax.config_checks import ConfigError
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
 from pgpc_jax.torch_names import ConversionError
@@ -125,7 +130,7 @@ def predict_files(
     """Segment each image file and write its outputs; returns the written paths. With
     `class_weights`, the predictions (and the saved scores) are the reweighted softmax."""
     if palette is None:
-        palette = convert.class_table("cityscapes")[1]
+        palette = label_table.PALETTE
     for path in images:  # fail before any work on an image that cannot be read
         load_image(path)
     os.makedirs(out_dir, exist_ok=True)
@@ -179,8 +184,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.config is None or not FLAGS.weights or not FLAGS.out or not images:
         raise app.UsageError("usage: predict --config CONFIG --weights PATH --out DIR IMAGE...")
     try:
+        config = FLAGS.config
+        class_set.adopt_from_weights(config, [FLAGS.weights])
         model, variables = weights.load_model(
-            FLAGS.config.model, FLAGS.weights, FLAGS["weights-format"].value, FLAGS.which
+            config.model, FLAGS.weights, FLAGS["weights-format"].value, FLAGS.which
         )
         predict_files(
             model,
@@ -189,9 +196,10 @@ def main(argv: list[str]) -> None:
             FLAGS.out,
             parse_size(FLAGS.resize),
             FLAGS["save-logits"].value,
-            class_weights=evaluation.class_weights_of(FLAGS.config),
+            palette=class_set.names_and_colors(config)[1],
+            class_weights=evaluation.class_weights_of(config),
         )
-    except (PredictError, ConversionError, checkpointing.CheckpointError) as e:
+    except (PredictError, ConfigError, ConversionError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

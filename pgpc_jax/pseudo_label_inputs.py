@@ -40,8 +40,8 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import sources, transforms
-from pgpc_jax import convert, evaluation, predict
-from pgpc_jax.torch_names import ConversionError
+from pgpc_jax import class_set, evaluation, predict
+from pgpc_jax.config_checks import ConfigError
 from pgpc_jax.uda import class_thresholds, fourier
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # the extensions `data_pipelines/folder.py` reads
@@ -369,15 +369,16 @@ def check_inputs(options: Options, config) -> Plan:
     mode = options.mode or config.eval.mode
     if mode not in evaluation.MODES:
         raise PseudoLabelError(f"--mode={mode!r}: expected one of {evaluation.MODES}")
+    try:  # a class set of the data (configs/folder.py) comes from the weights' run
+        class_set.adopt_from_weights(config, options.weights)
+        names, palette = class_set.names_and_colors(config)
+    except ConfigError as e:
+        raise PseudoLabelError(str(e)) from e
     num_classes = int(config.model.num_classes)
     if num_classes >= IGNORE:
         raise PseudoLabelError(
             f"model.num_classes={num_classes}: uint8 label PNGs hold at most {IGNORE} classes"
         )
-    try:
-        names, palette = convert.class_table(config.classes)
-    except ConversionError as e:
-        raise PseudoLabelError(f"config.classes: {e}") from e
     if len(names) != num_classes:
         raise PseudoLabelError(
             f"config.classes={config.classes!r} has {len(names)} classes but "

@@ -28,7 +28,16 @@ from etils import epath
 
 from data_pipelines import dark_zurich, pipeline, sources, transforms
 from data_pipelines.rcs import RcsConfig
-from pgpc_jax import checkpointing, evaluation, methods, metrics_logging, predict, sharding
+from pgpc_jax import (
+    checkpointing,
+    class_set,
+    evaluation,
+    methods,
+    metrics_logging,
+    predict,
+    scores,
+    sharding,
+)
 from pgpc_jax.config_checks import ConfigError, check_config
 from pgpc_jax.models import segmentor
 from pgpc_jax.train_state import TrainState, create_train_state
@@ -112,6 +121,8 @@ def _datasets(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
         if target_labels:
             _check_target_labels(tgt, config)
     val = _open_split(data.data_dir, "val", val_cfg)
+    # The model's class set against the data's (and the class set of classes='data' filled in).
+    class_set.resolve(config, dict(source=src, target=getattr(tgt, "night", tgt), val=val))
     _check_crop(src, "source", src_cfg)
     _check_crop(tgt, "target", tgt_cfg)
     rcs = None
@@ -263,8 +274,11 @@ def _evaluate(config, model, state, datasets, root: epath.Path, step, logger) ->
     (as text) and, for a few images, colour predictions next to the labels and the teacher's
     pseudo-labels (as TensorBoard images; the predictions also as PNG files)."""
     count, visuals = config.eval.num_visualizations, []
+    names, colors = class_set.names_and_colors(config)
     settings = dict(
         num_classes=config.model.num_classes,
+        class_names=names,
+        class_colors=colors,
         mode=config.eval.mode,
         crop_size=tuple(config.eval.crop_size),
         stride=tuple(config.eval.stride),
@@ -286,7 +300,7 @@ def _evaluate(config, model, state, datasets, root: epath.Path, step, logger) ->
         )
     _say(f"evaluation at step {step}:\n{table}")
     logger.log(step, metrics)
-    logger.log_text(step, "eval/iou_table", evaluation.iou_markdown(metrics))
+    logger.log_text(step, "eval/iou_table", scores.iou_markdown(metrics))
     images = {
         f"eval/prediction_label/{i}": np.concatenate([v["pred"], v["label"]], axis=1)
         for i, v in enumerate(visuals)

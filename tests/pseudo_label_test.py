@@ -23,7 +23,7 @@ from tiny_run import build_tiny_data
 
 from configs import tiny
 from data_pipelines import build, folder, sources, transforms
-from pgpc_jax import checkpointing, evaluation, predict, pseudo_label, weights
+from pgpc_jax import checkpointing, evaluation, predict, pseudo_label, scores, weights
 from pgpc_jax import pseudo_label_inputs as inputs
 from pgpc_jax.models import segmentor
 from pgpc_jax.models.layers import resize_bilinear
@@ -137,7 +137,7 @@ def test_command_end_to_end(two_models, tmp_path):
         np.testing.assert_array_equal(written, pseudo[i])
 
     # classes.json as the folder builder reads it, and the output builds as a training split.
-    names_read, id_map = folder.read_class_table(str(out / "classes.json"))
+    names_read, _, id_map = folder.read_class_table(str(out / "classes.json"))
     assert list(names_read) == names and id_map == {i: i for i in range(19)}
     status = build.main(
         ["--dataset", "folder", "--manual_dir", str(out), "--data_dir", str(tmp_path / "tfds"),
@@ -166,8 +166,8 @@ def test_ensemble_is_the_mean_of_the_models_softmax(two_models):
     # evaluate(): the ensemble's confusion matrix is that of the mean's argmax.
     batch = [{"image": images, "label": labels}]
     metrics, _ = evaluation.evaluate(model, list(variables), batch, 19)
-    cm = evaluation.confusion_matrix(jnp.asarray(mean.argmax(-1)), jnp.asarray(labels), 19)
-    want = evaluation.metrics_from_confusion(np.asarray(cm, np.int64))
+    cm = scores.confusion_matrix(jnp.asarray(mean.argmax(-1)), jnp.asarray(labels), 19)
+    want = scores.metrics_from_confusion(np.asarray(cm, np.int64))
     want["eval/num_pixels"] = float(labels.size)
     assert metrics.keys() == want.keys()
     for key, value in want.items():
