@@ -7,7 +7,7 @@ import os
 import jax
 import pytest
 
-from configs import base, cs2darkzurich, gta2cs, synthetic, synthia2cs, tiny
+from configs import base, cs2darkzurich, folder, gta2cs, synthetic, synthia2cs, tiny
 from pgpc_jax import cli, methods
 from pgpc_jax.config_checks import ConfigError, _check_method
 from pgpc_jax.models import segmentor
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "synthia2cs": synthia2cs,
     "cs2darkzurich": cs2darkzurich,
     "synthetic": synthetic,
+    "folder": folder,
 }
 
 
@@ -36,6 +37,8 @@ def test_one_config_file_per_benchmark():
 def test_config_builds_abstractly(benchmark, method):
     config = BENCHMARKS[benchmark].get_config(method)
     assert config.method == method
+    if config.model.num_classes == 0:  # configs/folder.py: the data's count, filled in at start-up
+        config.model.num_classes = 5
     _check_method(config)
     model = methods.build_model(config)
     abstract = segmentor.abstract_variables(model)
@@ -105,3 +108,28 @@ def test_sepico_configs_are_the_released_setting():
 
 def test_tiny_config_is_a_tiny_model():
     assert tiny.get_config().model.backbone == "tiny"
+
+
+def test_folder_config_takes_its_dataset_and_classes_from_the_build():
+    """`configs/folder.py:METHOD[,cpu]`: one override names the build for every split; the class
+    set is the data's; `,cpu` is the embedded benchmark's size; a bad argument is a ValueError
+    (one line from the command)."""
+    path = os.path.join(ROOT, "configs", "folder.py")
+    config = cli.load_config(f"{path}:sepico")
+    config.data.folder = "my_pair"  # what --config.data.folder=my_pair does
+    assert {g.dataset for g in (config.data.source, config.data.target, config.data.val)} == {
+        "folder/my_pair"
+    }
+    assert (config.data.source.split, config.data.target.split, config.data.val.split) == (
+        "source_train",
+        "target_train",
+        "target_val",
+    )
+    assert (config.classes, config.model.num_classes, config.uda.fd_lambda) == ("data", 0, 0.0)
+    assert config.model.backbone == "b5" and config.init_from.path == "pretrained/mit_b5.pth"
+    cpu = cli.load_config(f"{path}:daformer,cpu")
+    small = synthetic.get_config("daformer")
+    assert cpu.model.to_dict() == {**small.model.to_dict(), "num_classes": 0}
+    assert cpu.num_train_steps == small.num_train_steps and cpu.init_from.path == ""
+    with pytest.raises(ValueError, match="expected METHOD or METHOD,cpu"):
+        cli.load_config(f"{path}:daformer,gpu")
