@@ -19,6 +19,11 @@ and its per-class IoU table. Libraries' INFO logs (orbax, TFDS, grain) and XLA's
 alarms are left out; `--verbosity=0` shows them. `--print_config` prints the resolved config
 (the file's, with the command's `--config.` overrides) and exits.
 
+Compiled programs are kept in a persistent cache (`--compile_cache DIR`, default
+`~/.cache/pgpc_jax/xla`; `--compile_cache=` turns it off), so a resumed or repeated run of the
+same config and shapes reads its step instead of compiling it ("compiled in 2s"). A run of
+several processes uses one only when `--compile_cache` names a folder they all share.
+
 Bad input (a config value, a dataset that is not built, weights that do not fit, a workdir that
 holds another model's run) stops with one line on stderr and exit status 2, before anything is
 written; a non-finite loss stops with one line and exit status 1.
@@ -91,6 +96,32 @@ def distributed_settings(
     return None
 
 
+def default_compile_cache(environ: Mapping[str, str]) -> str:
+    """The persistent compilation cache's default folder: `$XDG_CACHE_HOME/pgpc_jax/xla`
+    (`~/.cache/pgpc_jax/xla`), local to each host (a gs:// workdir's run keeps it on the host)."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pgpc_jax", "xla")
+
+
+def use_compile_cache(directory: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache in `directory` (None: the default folder; '':
+    off), unless a cache is configured already (JAX_COMPILATION_CACHE_DIR, or the caller's
+    `jax_compilation_cache_dir`), which is kept. Programs that took at least a second to compile
+    are written there, so a resumed or repeated run of the same config reads its step instead
+    of compiling it. Returns the folder in use, or None."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    if directory == "":
+        return None
+    directory = os.path.expanduser(directory or default_compile_cache(os.environ))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return directory
+
+
 def _ensure_embedded_dataset(config) -> bool:
     """Build the embedded domain-shift dataset on first use (a minute or two on a CPU); False
     if the build failed (it printed why)."""
@@ -134,13 +165,21 @@ def _user_errors() -> tuple[type[Exception], ...]:
     )
 
 
-def run(config, workdir: str, settings: dict | None = None) -> int:
+def run(
+    config, workdir: str, settings: dict | None = None, compile_cache: str | None = None
+) -> int:
     """Start JAX (several processes when `settings` say so), train and evaluate; returns the
-    exit status: 0 done, 2 bad input (one line on stderr), 1 a non-finite loss."""
+    exit status: 0 done, 2 bad input (one line on stderr), 1 a non-finite loss. `compile_cache`
+    is `use_compile_cache`'s folder (None: the default one for a single process, none for
+    several; '': none)."""
     import jax
 
     if settings is not None:
         jax.distributed.initialize(**settings)
+    # Several processes: only a folder they all read (--compile_cache gs://...), never by default:
+    # a process that reads its step while another compiles it waits at the first collective.
+    multi = jax.process_count() > 1
+    cache = use_compile_cache("" if compile_cache is None and multi else compile_cache)
 
     from pgpc_jax import metrics_logging, train
 
@@ -151,6 +190,8 @@ def run(config, workdir: str, settings: dict | None = None) -> int:
             f"({jax.devices()[0].device_kind})",
             flush=True,
         )
+        if cache:
+            print(f"compilation cache: {cache}", flush=True)
     try:
         if not _ensure_embedded_dataset(config):
             return 2
@@ -183,7 +224,7 @@ def main(argv: list[str]) -> None:
     except DistributedSetupError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run(FLAGS.config, FLAGS.workdir, settings))
+    sys.exit(run(FLAGS.config, FLAGS.workdir, settings, FLAGS.compile_cache))
 
 
 def define_flags() -> None:
@@ -197,6 +238,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
     flags.DEFINE_bool(
         "print_config", False, "Print the resolved config (with the overrides) and exit."
+    )
+    flags.DEFINE_string(
+        "compile_cache",
+        None,
+        "Folder of the persistent compilation cache (default $XDG_CACHE_HOME/pgpc_jax/xla, i.e. "
+        "~/.cache/pgpc_jax/xla, for a single process; '' turns it off; several processes: a "
+        "folder they all share, e.g. gs://...): a repeated or resumed run reads its compiled "
+        "step from there instead of compiling it again.",
     )
 
 
