@@ -34,6 +34,16 @@ RUNS = method_runs.RUNS  # source_only, daformer, pgpc, pgpc_cluda
 _built = {}
 
 
+@pytest.fixture(autouse=True)
+def _release_compiled_steps():
+    """Every compiled step holds thousands of memory mappings (XLA:CPU code) and this file
+    compiles two per method, more than a process may hold (vm.max_map_count) when all are kept
+    to the end of the file: they are dropped after each test, and a later test that calls a
+    run's step again reads it back from the persistent compilation cache."""
+    yield
+    jax.clear_caches()
+
+
 def _run(name: str) -> dict:
     """Five single-device steps of run `name`, once per test session: the built run, its
     summary, the state after each step and how often the step was traced."""
