@@ -41,14 +41,16 @@ def benchmark_config(folder: str = "default"):
     data = config.data
     # The build's name (`--name`); every split below follows an override of it.
     data.folder = ml_collections.FieldReference(folder)
-    dataset = "folder/" + data.get_ref("folder")
-    data.source.dataset = dataset
-    data.source.split = "source_train"
-    data.target.dataset = dataset
-    data.target.split = "target_train"
-    data.val.dataset = dataset
-    data.val.split = "target_val"
-    for group in (data.source, data.target, data.val):
+    splits = (
+        (data.source, "source_train"),
+        (data.target, "target_train"),
+        (data.val, "target_val"),
+    )
+    for group, split in splits:
+        # A reference of its own per split: overriding one split's dataset (a recipe's
+        # pseudo-labelled target) leaves the others following data.folder.
+        group.dataset = "folder/" + data.get_ref("folder")
+        group.split = split
         group.scale = ()
 
     config.uda.pseudo_ignore_top = 0

@@ -98,6 +98,13 @@ def resolve(config: Any, splits: Mapping[str, Any]) -> None:
                 f"{_describe(first_key, first)} but {_describe(key, source)}: the domains must "
                 "share one class set (build them with the same class file)"
             )
+    keys = [name.replace(" ", "_") for name in names]  # their metric keys, eval/iou/<key>
+    twins = sorted({n for n, k in zip(names, keys) if keys.count(k) > 1})
+    if twins:
+        raise ConfigError(
+            f"{_describe(first_key, first)}: the class names {twins} become the same metric name "
+            "(spaces read as underscores); rename one in the class file and rebuild"
+        )
     if space == "cityscapes" and not is_cityscapes(names):
         raise ConfigError(
             f"classes='cityscapes' but {_describe(first_key, first)}, not the 19 Cityscapes "

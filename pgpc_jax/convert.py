@@ -43,6 +43,7 @@ from ml_collections import config_flags
 
 from pgpc_jax import checkpointing
 from pgpc_jax.cli import parse_flags
+from pgpc_jax.config_checks import ConfigError
 from pgpc_jax.models import segmentor
 from pgpc_jax.torch_names import (
     AUXILIARY,
@@ -520,6 +521,12 @@ def _run(argv: list[str]) -> None:
         if FLAGS.config is None:
             raise app.UsageError("to-flax needs --config (its `model` group gives the model shape)")
         model_cfg = FLAGS.config.model.to_dict()
+        if FLAGS.config.get("classes") == "data" and not FLAGS.config.get("class_names"):
+            raise ConversionError(
+                "--config has classes='data' and names no classes: give the class names and "
+                "count the checkpoint was trained with, --config.class_names='(\"a\", ...)' "
+                "--config.model.num_classes=K"
+            )
         variables, left = to_flax(
             FLAGS.src,
             FLAGS.format,
@@ -572,7 +579,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     try:
         _run(argv)
-    except (ConversionError, checkpointing.CheckpointError) as e:
+    except (ConversionError, ConfigError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -150,29 +150,44 @@ def check_sizes(pairs: Sequence[tuple[str, str]]) -> None:
             )
 
 
-def load_label(path: str) -> np.ndarray:
-    """A train-id PNG as uint8 [H, W]; an error names a file that is not single-channel."""
+def load_label(path: str, num_classes: int | None = None) -> np.ndarray:
+    """A train-id PNG as uint8 [H, W]; an error names a file that is not single-channel or, given
+    `num_classes` K, holds values other than 0..K-1 and 255 (they would silently leave the score:
+    raw ids where class indices are expected)."""
     with Image.open(path) as im:
         label = np.asarray(im)
     if label.ndim != 2:
         raise EvaluateError(
             f"{path}: expected a single-channel train-id PNG, got shape {label.shape}"
         )
+    if num_classes is not None:
+        values = np.unique(label)
+        outside = values[(values >= num_classes) & (values != label_table.IGNORE_INDEX)]
+        if outside.size:
+            shown = ", ".join(str(v) for v in outside[:8]) + (", ..." if outside.size > 8 else "")
+            raise EvaluateError(
+                f"{path}: label values {shown} are not classes of the model (0..{num_classes - 1}"
+                ", 255 = ignore); --labels must hold train ids / class indices (a class file's "
+                "raw ids: evaluate the build's mapped labels instead)"
+            )
     return label
 
 
 def iterate_batches(
-    pairs: Sequence[tuple[str, str]], batch_size: int, resize: tuple[int, int] | None = None
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    resize: tuple[int, int] | None = None,
+    num_classes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches {'image': float32 [B, h, w, 3] normalised (resized to `resize` (W, H) if given,
     on the uint8 image as the trainer's validation pipeline does), 'label': int32 [B, H, W] at
-    the original size}."""
+    the original size}; labels are checked against `num_classes` (`load_label`)."""
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         images, labels = [], []
         for image_path, label_path in chunk:
             images.append(predict.network_input(predict.load_image(image_path), resize))
-            labels.append(load_label(label_path).astype(np.int32))
+            labels.append(load_label(label_path, num_classes).astype(np.int32))
         if len({x.shape for x in labels}) > 1:
             names = ", ".join(p for p, _ in chunk)
             raise EvaluateError(
@@ -442,7 +457,7 @@ def main(argv: list[str]) -> None:
         metrics, table = evaluation.evaluate(
             model,
             variables,
-            iterate_batches(pairs, FLAGS["batch-size"].value, resize),
+            iterate_batches(pairs, FLAGS["batch-size"].value, resize, config.model.num_classes),
             num_classes=config.model.num_classes,
             mode=mode,
             crop_size=crop_size,

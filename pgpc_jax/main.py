@@ -22,7 +22,8 @@ alarms are left out; `--verbosity=0` shows them. `--print_config` prints the res
 Compiled programs are kept in a persistent cache (`--compile_cache DIR`, default
 `~/.cache/pgpc_jax/xla`; `--compile_cache=` turns it off), so a resumed or repeated run of the
 same config and shapes reads its step instead of compiling it ("compiled in 2s"). A run of
-several processes uses one only when `--compile_cache` names a folder they all share.
+several processes uses one only when `--compile_cache` names a folder they all share. A cache
+set in the environment (JAX_COMPILATION_CACHE_DIR) is used as it is, whatever the flag says.
 
 Bad input (a config value, a dataset that is not built, weights that do not fit, a workdir that
 holds another model's run) stops with one line on stderr and exit status 2, before anything is

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import sources, transforms
-from pgpc_jax import class_set, evaluation, predict
+from pgpc_jax import checkpointing, class_set, evaluation, predict
 from pgpc_jax.config_checks import ConfigError
 from pgpc_jax.uda import class_thresholds, fourier
 
@@ -372,7 +372,7 @@ def check_inputs(options: Options, config) -> Plan:
     try:  # a class set of the data (configs/folder.py) comes from the weights' run
         class_set.adopt_from_weights(config, options.weights)
         names, palette = class_set.names_and_colors(config)
-    except ConfigError as e:
+    except (ConfigError, checkpointing.CheckpointError) as e:  # a class-set mismatch, a bad run
         raise PseudoLabelError(str(e)) from e
     num_classes = int(config.model.num_classes)
     if num_classes >= IGNORE:

@@ -232,12 +232,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """`key (run X, now Y)` for every config field that differs from a run's config.json."""
+    """`key (run X, now Y)` for every config field that differs from a run's config.json (a
+    field the run's code did not have yet, empty now, is no change)."""
     old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
     return [
         f"{key} (run {old.get(key)!r}, now {new.get(key)!r})"
         for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key)
+        if old.get(key) != new.get(key) and not (key not in old and new[key] in ([], "", None))
     ]
 
 

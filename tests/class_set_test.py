@@ -59,6 +59,10 @@ def test_model_and_data_that_disagree_stop_naming_both():
     other = dict(source=_split(NAMES), val=_split(NAMES[::-1], dataset="folder/theirs"))
     with pytest.raises(ConfigError, match="but data.val.dataset='folder/theirs' has 5 classes"):
         class_set.resolve(_config(), other)
+    # Two names that become one metric key.
+    twins = ("left lane", "left_lane", "sky")
+    with pytest.raises(ConfigError, match=r"the class names \['left lane', 'left_lane'\]"):
+        class_set.resolve(_config(), dict(source=_split(twins), val=_split(twins)))
     # A class index of the config outside the class set.
     config = _config()
     config.uda.fd_lambda, config.uda.fd_classes = 0.005, (3, 6)
@@ -140,3 +144,48 @@ def test_training_with_the_wrong_class_count_writes_nothing(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: model.num_classes=19 but ")
     assert "'folder/mine' has 5 classes" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_labels_outside_the_class_set(tmp_path):
+    """Raw ids where class indices are expected would silently leave the score."""
+    from PIL import Image
+
+    from pgpc_jax import evaluate
+
+    path = str(tmp_path / "label.png")
+    Image.fromarray(np.array([[0, 4, 255], [7, 11, 2]], np.uint8)).save(path)
+    assert evaluate.load_label(path, 12).shape == (2, 3)
+    with pytest.raises(evaluate.EvaluateError, match="label values 7, 11 are not classes of"):
+        evaluate.load_label(path, 5)
+
+
+def test_converting_for_a_class_set_of_the_data_needs_its_names(tmp_path):
+    """`convert to-flax --config configs/folder.py` (classes='data') would write weights that name
+    no classes: one line asking for them, nothing written."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgpc_jax.convert",
+            "to-flax",
+            "--config",
+            "configs/folder.py:daformer,cpu",
+            "--src",
+            str(tmp_path / "x.pth"),
+            "--format",
+            "daformer",
+            "--out",
+            str(tmp_path / "out"),
+        ],  # fmt: skip
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "classes='data' and names no classes" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -133,3 +133,10 @@ def test_folder_config_takes_its_dataset_and_classes_from_the_build():
     assert cpu.num_train_steps == small.num_train_steps and cpu.init_from.path == ""
     with pytest.raises(ValueError, match="expected METHOD or METHOD,cpu"):
         cli.load_config(f"{path}:daformer,gpu")
+    # A recipe's pseudo-labelled target: source and val still follow data.folder.
+    sst = cli.load_config(f"{path}:fda_sst")
+    sst.data.folder = "my_pair"
+    assert sst.data.target.dataset == "folder/pseudo_labels"
+    assert sst.data.source.dataset == sst.data.val.dataset == "folder/my_pair"
+    sst.data.val.dataset = "folder/other"
+    assert sst.data.source.dataset == "folder/my_pair"
