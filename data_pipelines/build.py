@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -111,8 +112,23 @@ def download_config(resize: str):
     return resize_config(parse_size(resize, allowed="full, daformer or "))
 
 
+class _WithoutCustomConfigNote(logging.Filter):
+    """Drops TFDS's "Using custom data configuration: ResizeConfig(...)" warning: every folder,
+    WxH and custom-size build has a config made on the command line, which is no problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Using custom data configuration")
+
+
+def _quiet_custom_config_note() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _WithoutCustomConfigNote) for f in absl_logger.filters):
+        absl_logger.addFilter(_WithoutCustomConfigNote())
+
+
 def make_builder(args: argparse.Namespace):
     """The builder instance (with its config) for the parsed command line."""
+    _quiet_custom_config_note()
     builder_cls = BUILDERS[args.dataset]
     common = dict(data_dir=args.data_dir, file_format="array_record")
     pair = {key: getattr(args, key) for key in ("source", "target", "target_val", "classes")}
