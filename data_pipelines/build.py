@@ -250,6 +250,21 @@ def removed_on_failure(builder):
         raise
 
 
+def _check_same_classes(builder) -> None:
+    """A finished `folder` build found again under the same name must have been built with the
+    same class names and colours: a corrected class file would otherwise be silently ignored."""
+    stored = sources.read_metadata(os.fspath(builder.data_dir))
+    names, palette = stored.get("class_names"), stored.get("palette")
+    if names != list(builder.CLASS_NAMES) or (
+        palette is not None and palette != [list(c) for c in builder.palette]
+    ):
+        raise UsageError(
+            f"{builder.data_dir} was built with another class file (classes {names}); this one "
+            f"gives {list(builder.CLASS_NAMES)} (or other colours): build it under another "
+            f"--name, or remove {os.path.dirname(os.fspath(builder.data_dir))} and build again"
+        )
+
+
 def build(args: argparse.Namespace, stream=None) -> int:
     """Builds (or finds) the dataset and prints the summary; returns the exit status."""
     stream = stream or sys.stdout
@@ -258,6 +273,8 @@ def build(args: argparse.Namespace, stream=None) -> int:
         done = os.path.isfile(os.path.join(builder.data_dir, "dataset_info.json"))
         start = time.time()
         if done:
+            if args.dataset == "folder":
+                _check_same_classes(builder)
             stream.write(f"already built, reusing {builder.data_dir}\n")
         else:
             with removed_on_failure(builder):

@@ -70,6 +70,14 @@ def test_pair_builds_one_dataset_with_three_splits(tmp_path, capsys):
     status, stdout, _ = _run(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
     assert status == 0 and "already built" in stdout and "no labels" in stdout
 
+    # The same name with a corrected class file is not silently the old build.
+    renamed = {"names": ["ground", "wall", "tree", "sky", "vehicle"]}
+    with open(pair.classes, "w") as f:
+        json.dump(renamed, f)
+    status, _, err = _run(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
+    assert status == 2 and len(_error_lines(err)) == 1
+    assert "was built with another class file" in err and "'vehicle'" in err
+
 
 def _folder(pair, tmp_path, **options):
     return folder.Folder(
