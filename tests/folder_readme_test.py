@@ -19,8 +19,6 @@ import torch_segmentor
 
 from benchmarks import embedded_benchmark
 from data_pipelines import folder_example
-from pgpc_jax import evaluation, weights
-from pgpc_jax.models import segmentor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = list(folder_example.GROUPS)
@@ -129,16 +127,7 @@ def test_evaluate_and_export_carry_the_class_set(readme_run):
     saved = torch.load(path, map_location="cpu", weights_only=False)
     assert list(saved["meta"]["CLASSES"]) == NAMES
     assert [list(c) for c in saved["meta"]["PALETTE"]] == [list(c) for c in folder_example.COLORS]
-    run = os.path.join(cwd, "runs", "my_pair")
-    config, state, _ = weights.load_run(run)
-    reference = torch_segmentor.load_as_daformer_test(path, config.model)
-    model = segmentor.build_segmentor(config.model)
-    image = np.random.default_rng(0).standard_normal((1, 64, 96, 3)).astype(np.float32)
-    error = torch_segmentor.logits_error(
-        reference,
-        lambda x: evaluation.whole_inference(model, weights.run_variables(state), x),
-        image,
-    )
+    error = torch_segmentor.run_export_error(path, os.path.join(cwd, "runs", "my_pair"))
     assert error < 1e-5, error
 
 

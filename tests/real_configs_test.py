@@ -20,7 +20,7 @@ import pytest
 import torch_segmentor
 
 from data_pipelines import build
-from pgpc_jax import convert, evaluation, export, main, sharding, train, weights
+from pgpc_jax import convert, export, main, sharding, train
 from pgpc_jax.models import segmentor
 
 BENCHMARKS = ("gta2cs", "synthia2cs", "cs2darkzurich")
@@ -106,15 +106,7 @@ def test_benchmark_config_end_to_end(name, data_dir, imagenet_file, tmp_path, ca
 
     # The trained run exported for DAFormer's tools/test.py gives our logits in PyTorch.
     export.export_run(workdir, "daformer", str(tmp_path / "run.pth"))
-    reference = torch_segmentor.load_as_daformer_test(str(tmp_path / "run.pth"), config.model)
-    _, state, _ = weights.load_run(workdir)
-    model = segmentor.build_segmentor(config.model)
-    image = np.random.default_rng(0).standard_normal((1, 75, 101, 3)).astype(np.float32)
-    error = torch_segmentor.logits_error(
-        reference,
-        lambda x: evaluation.whole_inference(model, weights.run_variables(state), x),
-        image,
-    )
+    error = torch_segmentor.run_export_error(str(tmp_path / "run.pth"), workdir, (1, 75, 101, 3))
     assert error < 1e-5, error
 
     # The same command again resumes from the workdir: the run is done, so it evaluates.

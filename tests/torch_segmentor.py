@@ -125,3 +125,19 @@ def logits_error(model: TorchDAFormer, jax_logits_fn, image) -> float:
     got = np.asarray(jax_logits_fn(image)).transpose(0, 3, 1, 2)
     assert got.shape == want.shape, (got.shape, want.shape)
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def run_export_error(path: str, workdir: str, image_shape=(1, 64, 96, 3)) -> float:
+    """`logits_error` of a run's student (its latest checkpoint) against its DAFormer export at
+    `path`, loaded as DAFormer's tools/test.py loads it, on one random normalised image."""
+    import numpy as np
+
+    from pgpc_jax import evaluation, weights
+    from pgpc_jax.models import segmentor
+
+    config, state, _ = weights.load_run(workdir)
+    reference = load_as_daformer_test(path, config.model)
+    model = segmentor.build_segmentor(config.model)
+    image = np.random.default_rng(0).standard_normal(image_shape).astype(np.float32)
+    variables = weights.run_variables(state)
+    return logits_error(reference, lambda x: evaluation.whole_inference(model, variables, x), image)
