@@ -353,3 +353,17 @@ def add_cityscapes_derived(root: str, labels: dict) -> None:
         instances = np.where(things, ids.astype(np.uint16) * 1000 + column, ids)
         path = os.path.join(folder, stem + "_gtFine_instanceIds.png")
         Image.fromarray(instances.astype(np.uint16)).save(path)  # 16-bit, as Cityscapes ships
+
+
+def run_build(capsys, *args) -> tuple[int, str, str]:
+    """`python -m data_pipelines.build ARGS` in this process: (exit status, stdout, stderr)."""
+    from data_pipelines import build
+
+    status = build.main([*args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def error_lines(err: str) -> list[str]:
+    """The `error:` lines of a command's stderr."""
+    return [line for line in err.splitlines() if line.startswith("error:")]

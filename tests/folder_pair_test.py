@@ -14,22 +14,12 @@ from data_pipelines import build, folder, labels, sources
 from data_pipelines.folder import EXPECTED_TABLE
 
 
-def _run(capsys, *args):
-    status = build.main([*args])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def _error_lines(err):
-    return [line for line in err.splitlines() if line.startswith("error:")]
-
-
 def test_pair_builds_one_dataset_with_three_splits(tmp_path, capsys):
     pair = fx.make_folder_pair(str(tmp_path / "pair"))
     # The target's labels are never read: not even a colour label, which would fail the build.
     fx.write_png(os.path.join(pair.target, "labels", "tgt_000.png"), np.full((16, 24, 3), 9))
     out = str(tmp_path / "out")
-    status, stdout, _ = _run(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
+    status, stdout, _ = fx.run_build(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
     assert status == 0
     built = sources.dataset_dir(out, "folder/mine_12x8")
     assert sources.split_counts(built) == {"source_train": 4, "target_train": 4, "target_val": 2}
@@ -67,15 +57,15 @@ def test_pair_builds_one_dataset_with_three_splits(tmp_path, capsys):
         "  source_train: 4 images\n    classes seen (5/5): ground, wall, tree, sky, car\n" in stdout
     )
 
-    status, stdout, _ = _run(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
+    status, stdout, _ = fx.run_build(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
     assert status == 0 and "already built" in stdout and "no labels" in stdout
 
     # The same name with a corrected class file is not silently the old build.
     renamed = {"names": ["ground", "wall", "tree", "sky", "vehicle"]}
     with open(pair.classes, "w") as f:
         json.dump(renamed, f)
-    status, _, err = _run(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
-    assert status == 2 and len(_error_lines(err)) == 1
+    status, _, err = fx.run_build(capsys, *pair.build_args(out, "mine", "--resize", "12x8"))
+    assert status == 2 and len(fx.error_lines(err)) == 1
     assert "was built with another class file" in err and "'vehicle'" in err
 
 
@@ -215,9 +205,9 @@ def test_label_value_outside_the_class_set_fails_the_build(tmp_path, capsys):
     path = os.path.join(pair.source, "labels", name + ".png")
     fx.write_png(path, label)
     out = tmp_path / "out"
-    status, _, err = _run(capsys, *pair.build_args(str(out), "mine", "--skip_corrupt"))
+    status, _, err = fx.run_build(capsys, *pair.build_args(str(out), "mine", "--skip_corrupt"))
     assert status == 2 and "Traceback" not in err
-    assert _error_lines(err) == [
+    assert fx.error_lines(err) == [
         f"error: label {path} has values outside the class set: 7 (2 pixels), 9 (5 pixels); "
         f"{pair.classes} has 5 classes, so a label value is a class index 0..4 or 255 (ignore); "
         'map other values to a class index or to 255 in the class file\'s "id_map": '
@@ -246,15 +236,15 @@ def test_label_value_outside_the_class_set_fails_the_build(tmp_path, capsys):
 )  # fmt: skip
 def test_pair_options_go_together(tmp_path, capsys, flags, message):
     out = tmp_path / "out"
-    status, _, err = _run(capsys, "--dataset", "folder", *flags, "--data_dir", str(out))
-    assert status == 2 and _error_lines(err) == [f"error: {message}"]
+    status, _, err = fx.run_build(capsys, "--dataset", "folder", *flags, "--data_dir", str(out))
+    assert status == 2 and fx.error_lines(err) == [f"error: {message}"]
     assert not os.path.exists(out)
 
 
 def test_pair_options_are_for_folder_only(tmp_path, capsys):
-    status, _, err = _run(capsys, "--dataset", "gta5", "--manual_dir", "gta", "--source", "S",
+    status, _, err = fx.run_build(capsys, "--dataset", "gta5", "--manual_dir", "gta", "--source", "S",
                           "--data_dir", str(tmp_path / "out"))  # fmt: skip
-    assert status == 2 and _error_lines(err) == [
+    assert status == 2 and fx.error_lines(err) == [
         "error: --source, --target, --target_val and --classes are for --dataset folder"
     ]
 
@@ -277,9 +267,9 @@ def test_bad_pair_folder_names_it_and_the_layout(tmp_path, capsys, damage, flag,
     if damage.endswith("*"):
         gone.mkdir()  # the folder stays, empty
     out = tmp_path / "out"
-    status, _, err = _run(capsys, *pair.build_args(str(out)))
+    status, _, err = fx.run_build(capsys, *pair.build_args(str(out)))
     assert status == 2
-    assert _error_lines(err) == [f"error: folder: {problem.format(root=root)} ({flag})"]
+    assert fx.error_lines(err) == [f"error: folder: {problem.format(root=root)} ({flag})"]
     assert "Expected layout of a folder pair:" in err and "--target DIR" in err
     assert not os.path.exists(out)
 
@@ -287,8 +277,8 @@ def test_bad_pair_folder_names_it_and_the_layout(tmp_path, capsys, damage, flag,
 def test_missing_class_file_is_one_line(tmp_path, capsys):
     pair = fx.make_folder_pair(str(tmp_path / "pair"))
     os.remove(pair.classes)
-    status, _, err = _run(capsys, *pair.build_args(str(tmp_path / "out")))
-    assert status == 2 and _error_lines(err) == [
+    status, _, err = fx.run_build(capsys, *pair.build_args(str(tmp_path / "out")))
+    assert status == 2 and fx.error_lines(err) == [
         f"error: {pair.classes}: cannot read it (No such file or directory); {EXPECTED_TABLE}"
     ]
 
