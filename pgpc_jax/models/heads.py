@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pgpc_jax.models.layers import ConvModule, resize_bilinear, torch_default_kernel
+from pgpc_jax.models.layers import ConvModule, PointwiseConv, resize_bilinear, torch_default_kernel
 
 Dtype = Any
 
@@ -76,11 +76,10 @@ def _embed_levels(features: Sequence[jax.Array], embed_dim: int, prefix: str, kw
     ]
 
 
-def _classifier(num_classes: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Conv:
+def _classifier(num_classes: int, name: str, dtype: Dtype, param_dtype: Dtype) -> PointwiseConv:
     # mmseg BaseDecodeHead init_cfg: conv_seg ~ N(0, 0.01), bias 0.
-    return nn.Conv(
+    return PointwiseConv(
         num_classes,
-        (1, 1),
         kernel_init=nn.initializers.normal(0.01),
         dtype=dtype,
         param_dtype=param_dtype,

@@ -141,12 +141,82 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-class DepthwiseConv(nn.Module):
-    """`nn.Conv` with `feature_group_count == features == in_channels` (same parameter, same
-    result), computed as a sum of k*k shifted, channel-scaled copies of the padded input.
+def _shifted_sum(xp: jax.Array, kernel: jax.Array, dilation: int, out_hw) -> jax.Array:
+    """sum_ij xp[:, i*d : i*d + h, j*d : j*d + w, :] * kernel[i, j]: a depthwise correlation of
+    an already padded NHWC input with a [kh, kw, C] kernel, as one fused elementwise loop."""
+    (h, w), d = out_hw, dilation
+    out = None
+    for i in range(kernel.shape[0]):
+        for j in range(kernel.shape[1]):
+            term = xp[:, i * d : i * d + h, j * d : j * d + w, :] * kernel[i, j]
+            out = term if out is None else out + term
+    return out
 
-    XLA's CPU grouped convolution (above all its weight gradient) is ~10x slower than this on the
-    DAFormer head's dilated depthwise 3x3s; on GPU both fuse to a memory-bound kernel.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv(x: jax.Array, kernel: jax.Array, padding, dilation: int) -> jax.Array:
+    """Depthwise 2-D correlation (torch `conv2d(groups=C)`, stride 1) of NHWC `x` with a
+    [kh, kw, C] kernel; `padding` ((top, bottom), (left, right)) of zeros, `dilation` of the taps.
+
+    The forward is a sum of kh*kw shifted, channel-scaled copies of the padded input; the
+    backward is written out (the input gradient is the same shifted sum of the padded output
+    gradient with the flipped kernel, the kernel gradient kh*kw channel-wise reductions) because
+    XLA:CPU's grouped convolution, and the autodiff of the shifted sum (one padded full-size
+    buffer per tap, summed), are each several times slower than both.
+    """
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    kh, kw = kernel.shape[:2]
+    out_hw = (xp.shape[1] - dilation * (kh - 1), xp.shape[2] - dilation * (kw - 1))
+    return _shifted_sum(xp, kernel, dilation, out_hw)
+
+
+def _depthwise_fwd(x, kernel, padding, dilation):
+    return depthwise_conv(x, kernel, padding, dilation), (x, kernel)
+
+
+def _depthwise_bwd(padding, dilation, residuals, g):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    d = dilation
+    # dx[s] = sum_i g[s + pad_lo - i*d] k[i]: pad g by (k-1)*d - pad_lo below and so that the
+    # result has x's size (either pad may be negative, i.e. a crop), then correlate with the
+    # flipped kernel.
+    pads = []
+    for axis, (lo, _) in ((1, padding[0]), (2, padding[1])):
+        k = kh if axis == 1 else kw
+        low = (k - 1) * d - lo
+        pads.append((low, x.shape[axis] + (k - 1) * d - g.shape[axis] - low, 0))
+    zero = jnp.zeros((), g.dtype)
+    gp = jax.lax.pad(g, zero, ((0, 0, 0), *pads, (0, 0, 0)))
+    dx = _shifted_sum(gp, kernel[::-1, ::-1], d, x.shape[1:3])
+    # dk[i, j] = sum over batch and positions of xp[i*d + y, j*d + x] * g[y, x], accumulated in
+    # float32 at least whatever the compute dtype. Written as g shifted into xp's frame (not as
+    # slices of xp, which XLA would share with the forward and keep as kh*kw full-size buffers).
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    h, w = g.shape[1:3]
+    big_h, big_w = xp.shape[1:3]
+
+    def tap(i, j):
+        shifted = jnp.pad(
+            g, ((0, 0), (i * d, big_h - h - i * d), (j * d, big_w - w - j * d), (0, 0))
+        )
+        return jnp.sum(xp * shifted, axis=(0, 1, 2), dtype=acc)
+
+    dk = jnp.stack([jnp.stack([tap(i, j) for j in range(kw)]) for i in range(kh)])
+    return dx, dk.astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class DepthwiseConv(nn.Module):
+    """`nn.Conv` with `feature_group_count == features == in_channels` and stride 1 (same
+    parameters, same result), computed by `depthwise_conv`.
+
+    XLA:CPU's grouped convolution is ~10x slower than this on the DAFormer head's dilated
+    depthwise 3x3s, and its kernel gradient (a dense C x C convolution of which only the
+    diagonal is kept) slower still on the MiT's Mix-FFN; on GPU both fuse to memory-bound loops.
     """
 
     features: int
@@ -156,6 +226,7 @@ class DepthwiseConv(nn.Module):
     feature_group_count: int = 1
     use_bias: bool = False
     kernel_init: Any = kaiming_fan_out
+    bias_init: Any = nn.initializers.zeros
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -165,17 +236,41 @@ class DepthwiseConv(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (kh, kw, 1, self.features), self.param_dtype
         )
-        kernel = kernel.astype(self.dtype)
-        x = jnp.pad(x.astype(self.dtype), ((0, 0), *self.padding, (0, 0)))
-        d = self.kernel_dilation
-        h = x.shape[1] - d * (kh - 1)
-        w = x.shape[2] - d * (kw - 1)
-        out = None
-        for i in range(kh):
-            for j in range(kw):
-                term = x[:, i * d : i * d + h, j * d : j * d + w, :] * kernel[i, j, 0]
-                out = term if out is None else out + term
-        return out
+        padding = tuple(tuple(int(p) for p in pair) for pair in self.padding)
+        y = depthwise_conv(
+            x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype), padding, self.kernel_dilation
+        )
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class PointwiseConv(nn.Module):
+    """`nn.Conv` with a 1x1 kernel, stride 1 and no padding (same parameters: `kernel`
+    [1, 1, C_in, C_out], optional `bias`), computed as the matrix product over channels it is.
+
+    XLA:CPU runs a 1x1 convolution ~3x slower than the same product written as a dot, forward
+    and backward; on accelerators both lower to the same matrix-unit kernel.
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Any = kaiming_fan_out
+    bias_init: Any = nn.initializers.zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 class ConvModule(nn.Module):
@@ -196,6 +291,17 @@ class ConvModule(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         pad = self.dilation * (self.kernel_size // 2)
         depthwise = self.groups > 1 and self.groups == self.features == x.shape[-1]
+        if self.kernel_size == 1 and self.groups == 1:
+            x = PointwiseConv(
+                self.features,
+                use_bias=False,
+                kernel_init=kaiming_fan_out,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="conv",
+            )(x)
+            x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
+            return nn.relu(x)
         conv = DepthwiseConv if depthwise else nn.Conv
         x = conv(
             self.features,
