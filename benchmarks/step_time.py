@@ -8,12 +8,20 @@ what one run's step costs relative to another on the same device.
   python benchmarks/step_time.py --config configs/gta2cs.py:daformer --config configs/gta2cs.py
   python benchmarks/step_time.py --config configs/synthetic.py --set data.source.crop_size=128,128
   python benchmarks/step_time.py --flops --config configs/gta2cs.py:daformer --config configs/gta2cs.py
+  python benchmarks/step_time.py --config configs/synthetic.py:source_only --torch fp32 --rounds 3
 
 `--config path[:method]` is read as `python -m pgpc_jax.main --config` reads it.
 
 `--set key=value` overrides apply to every config (python literals: 1e-3, (128, 128), 'b5').
-Prints a markdown table: config, device, compile s, ms/step (median over the timed steps),
-steps/s, peak device memory where the backend reports it (the CPU backend reports none).
+Prints a markdown table: config, step (ours, or the PyTorch reference), warm-up s (compile and
+the warm-up steps), ms/step (median over the timed steps), steps/s, peak device memory where the
+backend reports it (the CPU backend reports none).
+
+`--torch fp32[,bf16]` adds, for a source-only config, the PyTorch reference step
+(`benchmarks/torch_step.py`: the original DAFormer segmentor with the same initial weights, the
+same batch, the same loss and optimizer) in float32 and/or under bf16 autocast; `--rounds N`
+alternates N rounds of `--steps` timed steps between our step and PyTorch's, so that a machine's
+drift hits both.
 
 `--flops` runs nothing and allocates no weights: it traces the same step on abstract inputs and
 prints XLA's count of floating-point operations and bytes accessed per step (the HLO before
@@ -85,40 +93,104 @@ def build(config, abstract: bool = False):
     return model, optimizer, state
 
 
-def measure(config, steps: int, warmup: int) -> dict:
-    mesh = sharding.make_mesh(config.mesh.num_devices or None)
-    model, optimizer, state = build(config)
-    state = sharding.replicate(state, mesh)
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), state)
-    batch = sharding.batch_sharding(mesh)
-    step = jax.jit(
-        make_train_step(config, model, optimizer),
-        in_shardings=(state_sharding, batch, batch),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    src, tgt = random_batches(config, np.random.default_rng(0))
-    src = sharding.global_batch(src, mesh)
-    tgt = sharding.global_batch(tgt, mesh)
+class JaxRunner:
+    """Our jitted step of `config` on random inputs, compiled by `warmup` steps; `run(n)` times
+    n more steps (seconds each)."""
 
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        state, metrics = step(state, src, tgt)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, metrics = step(state, src, tgt)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t)
-    assert all(np.isfinite(float(v)) for v in jax.device_get(metrics).values()), metrics
-    stats = jax.devices()[0].memory_stats() or {}
-    return dict(
-        compile_s=compile_s,
-        ms=1000 * statistics.median(times),
-        peak_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
-    )
+    name = "jax"
+
+    def __init__(self, config, warmup: int):
+        mesh = sharding.make_mesh(config.mesh.num_devices or None)
+        model, optimizer, state = build(config)
+        self.variables = jax.device_get(state.student_variables)
+        self.state = sharding.replicate(state, mesh)
+        state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), self.state)
+        batch = sharding.batch_sharding(mesh)
+        self.step = jax.jit(
+            make_train_step(config, model, optimizer),
+            in_shardings=(state_sharding, batch, batch),
+            out_shardings=(state_sharding, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        src, tgt = random_batches(config, np.random.default_rng(0))
+        self.src = sharding.global_batch(src, mesh)
+        self.tgt = sharding.global_batch(tgt, mesh)
+        t0 = time.perf_counter()
+        self.run(warmup)
+        self.compile_s = time.perf_counter() - t0
+
+    def run(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            self.state, metrics = self.step(self.state, self.src, self.tgt)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+        values = jax.device_get(metrics).values()
+        assert all(np.isfinite(float(v)) for v in values), metrics
+        return times
+
+    def peak_gib(self) -> float:
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+class TorchRunner:
+    """The PyTorch reference step (`torch_step.py`) of `config` with our initial weights, on the
+    same random batch; `run(n)` as `JaxRunner`'s."""
+
+    def __init__(self, config, variables, warmup: int, bf16: bool):
+        import torch
+
+        from benchmarks import torch_step
+
+        if config.method != "source_only":
+            raise SystemExit(
+                f"--torch: the PyTorch reference step exists for source_only, not {config.method!r}"
+            )
+        self.name = "pytorch bf16" if bf16 else "pytorch"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.step = torch_step.TorchSourceOnlyStep(config, variables, bf16=bf16, device=device)
+        src, _ = random_batches(config, np.random.default_rng(0))
+        self.x, self.y = self.step.batch(src["image"], src["label"])
+        t0 = time.perf_counter()
+        self.run(warmup)
+        self.compile_s = time.perf_counter() - t0
+
+    def run(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            loss = self.step(self.x, self.y)
+            self.step.synchronize()
+            times.append(time.perf_counter() - t)
+        assert np.isfinite(loss), loss
+        return times
+
+    def peak_gib(self) -> float:
+        return self.step.peak_gib()
+
+
+def measure(config, steps: int, warmup: int, torch_rows=(), rounds: int = 1) -> list[dict]:
+    """Time our step of `config` and, for each of `torch_rows` ('fp32', 'bf16'), the PyTorch
+    reference step on the same weights and batch: `rounds` interleaved rounds of `steps` steps
+    each, after `warmup` steps. One row per runner: name, compile_s, ms (median), peak_gib."""
+    runners = [JaxRunner(config, warmup)]
+    for kind in torch_rows:
+        runners.append(TorchRunner(config, runners[0].variables, warmup, bf16=kind == "bf16"))
+    times = {id(r): [] for r in runners}
+    for _ in range(rounds):
+        for r in runners:
+            times[id(r)] += r.run(steps)
+    return [
+        dict(
+            name=r.name,
+            compile_s=r.compile_s,
+            ms=1000 * statistics.median(times[id(r)]),
+            peak_gib=r.peak_gib(),
+        )
+        for r in runners
+    ]
 
 
 def count_flops(config) -> dict:
@@ -155,26 +227,40 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--flops", action="store_true", help="count operations per step instead of timing"
     )
+    parser.add_argument(
+        "--torch",
+        default=None,
+        help="also time the PyTorch reference step: fp32, bf16 or fp32,bf16 (source_only)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     if args.flops:
         flops_table(args.config, args.set)
         return
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+    torch_rows = [] if args.torch is None else args.torch.split(",")
+    for kind in torch_rows:
+        if kind not in ("fp32", "bf16"):
+            raise SystemExit(f"--torch={args.torch}: expected fp32, bf16 or fp32,bf16")
     rows = []
     for path in args.config:
         config = load_config(path, args.set)
-        r = measure(config, args.steps, args.warmup)
-        rows.append((path, r))
-        print(f"{path}: {r['ms']:.1f} ms/step (compile {r['compile_s']:.1f} s)", flush=True)
+        for r in measure(config, args.steps, args.warmup, torch_rows, args.rounds):
+            rows.append((path, r))
+            print(
+                f"{path} [{r['name']}]: {r['ms']:.1f} ms/step (warm-up {r['compile_s']:.1f} s)",
+                flush=True,
+            )
     base = rows[0][1]["ms"]
-    print(f"\ndevice: {device}, jax {jax.__version__}, overrides: {args.set or 'none'}\n")
-    print("| config | compile s | ms/step | steps/s | vs first | peak device GiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"\ndevice: {device}, jax {jax.__version__}, overrides: {args.set or 'none'}")
+    print(f"{args.rounds} round(s) of {args.steps} timed steps per row, interleaved\n")
+    print("| config | step | warm-up s | ms/step | steps/s | vs first | peak device GiB |")
+    print("|---|---|---|---|---|---|---|")
     for path, r in rows:
         peak = "n/a" if np.isnan(r["peak_gib"]) else f"{r['peak_gib']:.2f}"
         print(
-            f"| {path} | {r['compile_s']:.1f} | {r['ms']:.1f} | {1000 / r['ms']:.2f} | "
-            f"{r['ms'] / base:.2f}x | {peak} |"
+            f"| {path} | {r['name']} | {r['compile_s']:.1f} | {r['ms']:.1f} | "
+            f"{1000 / r['ms']:.2f} | {r['ms'] / base:.2f}x | {peak} |"
         )
 
 
