@@ -60,11 +60,18 @@ def _interp_matrix(
     return m
 
 
+# Largest broadcast W-interpolation matrix (B * out_h * out_w * in_w elements) for which
+# `resize_bilinear` uses batched products; larger resizes (whole-image logits at evaluation) use
+# the plain two-matrix form, which needs no broadcast copy.
+_BATCHED_RESIZE_MAX = 1 << 22
+
+
 def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = False) -> jax.Array:
     """Bilinear resize of `x` [B, H, W, C] to `size` (h, w), as torch `interpolate` computes it.
 
     Implemented as two small matrix products, which is exact, differentiable and maps onto
-    matrix units on accelerators. Returns `x` unchanged when the size already matches.
+    matrix units on accelerators (batched over the NHWC layout where the broadcast matrices are
+    small, so that XLA:CPU transposes no feature map forward or backward). Returns `x` unchanged when the size already matches.
     """
     out_h, out_w = int(size[0]), int(size[1])
     in_h, in_w = x.shape[1], x.shape[2]
@@ -74,6 +81,21 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = Fal
     mh = jnp.asarray(_interp_matrix(out_h, in_h, align_corners, float64), dtype=x.dtype)
     mw = jnp.asarray(_interp_matrix(out_w, in_w, align_corners, float64), dtype=x.dtype)
     precision = jax.lax.Precision.HIGHEST
+    b, c = x.shape[0], x.shape[3]
+    if b * out_h * out_w * in_w <= _BATCHED_RESIZE_MAX:
+        # Batched matrix products over the NHWC layout as it is: the interpolation matrices
+        # broadcast over the batch (and rows), so neither the forward nor the backward
+        # transposes the feature map. The broadcasts are built from `x` so that they carry its
+        # batch sharding.
+        zero = jnp.zeros_like(x[:, :1, :1, :1])  # [B, 1, 1, 1]
+        y = jnp.einsum(
+            "boh,bhk->bok",
+            mh + zero[:, :, :, 0],
+            x.reshape(b, in_h, in_w * c),
+            precision=precision,
+        ).reshape(b, out_h, in_w, c)
+        mw = jnp.broadcast_to(mw + zero, (b, out_h, out_w, in_w))
+        return jnp.einsum("bopw,bowc->bopc", mw, y, precision=precision)
     x = jnp.einsum("oh,bhwc->bowc", mh, x, precision=precision)
     return jnp.einsum("pw,bowc->bopc", mw, x, precision=precision)
 
