@@ -44,6 +44,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.data_dir = "data"
     # grain worker processes per host (0: read in the training process).
     data.num_workers = 0
+    # Batches transferred to the devices ahead of the step, while it computes (0: none).
+    data.prefetch = 2
     # Source domain: 2 crops per step (global batch), GTA resized keep-ratio into 1280x720.
     data.source = ml_collections.ConfigDict(
         dict(

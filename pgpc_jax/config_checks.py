@@ -118,6 +118,12 @@ def check_config(config: Any) -> None:
             raise ConfigError(f"optimizer.{key}={opt[key]!r}: expected a value in [0, 1)")
     if not isinstance(opt.warmup_steps, int) or opt.warmup_steps < 0:
         raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps!r}: expected an int >= 0")
+    prefetch = config.data.get("prefetch", 0)
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ConfigError(
+            f"data.prefetch={prefetch!r}: expected an int >= 0 (batches put on the devices "
+            "ahead of the step; 0 reads each batch when the step needs it)"
+        )
 
     data = config.data
     for name in ("source", "target", "val"):

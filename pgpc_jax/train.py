@@ -35,6 +35,7 @@ from pgpc_jax import (
     methods,
     metrics_logging,
     predict,
+    prefetch,
     scores,
     sharding,
 )
@@ -403,12 +404,19 @@ def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckp
     logger = metrics_logging.MetricsLogger(
         str(root), total, start_step=start, enabled=jax.process_index() == 0
     )
+    # Batches go to the devices `data.prefetch` steps ahead; checkpoints record the position of
+    # the batches the step consumed, so prefetching never changes a run.
+    iterators = dict(iterators)
+    for name in ("source", "target"):
+        iterators[name] = prefetch.DevicePrefetcher(
+            iterators[name], lambda b: sharding.global_batch(b, mesh), config.data.prefetch
+        )
     src_iter, tgt_iter = iterators["source"], iterators["target"]
     step, metrics, timer = start, {}, time.time()
+    in_flight, wait_s, waited_steps = None, 0.0, 0
     while step < total:
         # Whole batch dicts: a method may use a second view, a frame, or (an oracle) the label.
-        src = sharding.global_batch(next(src_iter), mesh)
-        tgt = sharding.global_batch(next(tgt_iter), mesh)
+        src, tgt = next(src_iter), next(tgt_iter)
         if step == start:  # the first call compiles: say so, instead of XLA's slow-compile alarm
             _say(f"compiling the step of {config.method or methods.DEFAULT} ...")
             compile_start = time.time()
@@ -417,6 +425,17 @@ def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckp
             _say(f"compiled in {metrics_logging.format_duration(time.time() - compile_start)}")
         else:
             state, device_metrics = train_step(state, src, tgt)
+        # The step runs on the devices: read the next batches meanwhile, then wait for the
+        # previous step, so that at most two steps are in flight.
+        src_iter.fill()
+        tgt_iter.fill()
+        if in_flight is not None:
+            jax.block_until_ready(in_flight)
+        in_flight = device_metrics
+        wait_s += src_iter.pop_wait_s() + tgt_iter.pop_wait_s()
+        waited_steps += 1
+        if step == start:
+            wait_s, waited_steps = 0.0, 0
         step += 1
         last = step == total
         log_now = step % config.log_every_steps == 0 or last
@@ -433,6 +452,11 @@ def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckp
             if message:
                 raise metrics_logging.NonFiniteLossError(message)
         if log_now:
+            # Host time reading and transferring input per step (the first step's excluded:
+            # it also waits for the pipeline to start).
+            if waited_steps:
+                host["train/data_wait_ms"] = 1000 * wait_s / waited_steps
+            wait_s, waited_steps = 0.0, 0
             logger.log(step, host)
         # Evaluate before the checkpoint: a run killed while evaluating resumes from an
         # earlier checkpoint and evaluates this step again, so no evaluation is lost.

@@ -15,7 +15,7 @@ import tb_events
 from tiny_run import build_tiny_data, final_state
 from tiny_run import tiny_config as _config
 
-from pgpc_jax import checkpointing, metrics_logging, train
+from pgpc_jax import checkpointing, metrics_logging, prefetch, train
 from pgpc_jax.config_checks import ConfigError
 
 
@@ -144,17 +144,25 @@ def test_a_non_finite_state_is_never_saved(data_dir, tmp_path, monkeypatch):
     config = _config(data_dir, 4)
     config.checkpoint_every_steps = 1
     config.log_every_steps = 4
-    calls = {"batches": 0}
-    real = train.sharding.global_batch
+    real = prefetch.DevicePrefetcher
+    made = []
 
-    def poisoned(local, mesh):
-        # The loop makes the source batch, then the target batch (both whole dicts), each step.
-        calls["batches"] += 1
-        if calls["batches"] == 2 * 3 - 1:  # step 3's source batch
-            local = {**local, "image": np.full_like(local["image"], np.nan)}
-        return real(local, mesh)
+    class Poisoning(real):
+        """The loop wraps the source iterator first; its third batch gets NaN images."""
 
-    monkeypatch.setattr(train.sharding, "global_batch", poisoned)
+        def __init__(self, iterator, put, depth):
+            made.append(self)
+            is_source, count = len(made) == 1, [0]
+
+            def poisoned(local):
+                count[0] += 1
+                if is_source and count[0] == 3:  # step 3's source batch
+                    local = {**local, "image": np.full_like(local["image"], np.nan)}
+                return put(local)
+
+            super().__init__(iterator, poisoned, depth)
+
+    monkeypatch.setattr(train.prefetch, "DevicePrefetcher", Poisoning)
     workdir = str(tmp_path / "run")
     with pytest.raises(metrics_logging.NonFiniteLossError) as err:
         train.train_and_evaluate(config, workdir)
@@ -212,3 +220,23 @@ def test_a_checkpoint_of_another_process_count_is_refused(data_dir, straight_run
     ):
         train.train_and_evaluate(_config(data_dir, 4), workdir)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_prefetching_changes_nothing_and_logs_the_input_wait(data_dir, straight_run, tmp_path):
+    """The straight run read batches 2 ahead onto the device (the default); the same run reading
+    each batch when the step needs it ends in the same state at the same data positions, and
+    both log the host's input time per step."""
+    straight, state_a, data_a = straight_run
+    config = _config(data_dir, 4)
+    assert config.data.prefetch == 2
+    config.data.prefetch = 0
+    workdir = str(tmp_path / "no_prefetch")
+    train.train_and_evaluate(config, workdir)
+    state_b, data_b = final_state(workdir)
+    assert data_a == data_b
+    _assert_same_state(state_a, state_b)
+    for run in (straight, workdir):
+        _, _, rows = _logged_steps(run)
+        waits = [r["train/data_wait_ms"] for r in rows if "train/data_wait_ms" in r]
+        # Logged from the second step on (the first also waits for the pipeline to start).
+        assert len(waits) == 3 and all(w > 0 for w in waits)
