@@ -68,6 +68,11 @@ def main() -> None:
     parser.add_argument("--work_dir", default="/tmp/pipeline_bench")
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument(
+        "--workers",
+        default="",
+        help="comma-separated worker counts (2 threads, float32 and uint8 each) instead of the grid",
+    )
     args = parser.parse_args()
     manual_dir = os.path.join(args.work_dir, "gta_layout")
     if not os.path.isdir(os.path.join(manual_dir, "labels")):
@@ -89,7 +94,7 @@ def main() -> None:
     class_pixels[:, absent] = 0
     print(f"classes without an RCS candidate, left out: {list(np.flatnonzero(absent))}")
     rows = []
-    for workers, threads, normalize in (
+    grid = (
         (0, 1, True),
         (0, 2, True),
         (0, 4, True),
@@ -98,7 +103,11 @@ def main() -> None:
         (2, 2, True),
         (0, 2, False),
         (2, 2, False),
-    ):
+    )
+    if args.workers:
+        counts = [int(w) for w in args.workers.split(",")]
+        grid = [(w, 2, normalize) for w in counts for normalize in (True, False)]
+    for workers, threads, normalize in grid:
         rate = measure(source, class_pixels, workers, threads, normalize, args.batches)
         rows.append((workers, threads, "float32" if normalize else "uint8", rate))
         print(f"workers={workers} threads={threads} {rows[-1][2]}: {rate:.1f} images/s", flush=True)

@@ -9,6 +9,7 @@ what one run's step costs relative to another on the same device.
   python benchmarks/step_time.py --config configs/synthetic.py --set data.source.crop_size=128,128
   python benchmarks/step_time.py --flops --config configs/gta2cs.py:daformer --config configs/gta2cs.py
   python benchmarks/step_time.py --config configs/synthetic.py:source_only --torch fp32 --rounds 3
+  python benchmarks/step_time.py --memory --config configs/gta2cs.py --set "model.remat='all'"
 
 `--config path[:method]` is read as `python -m pgpc_jax.main --config` reads it.
 
@@ -22,6 +23,10 @@ backend reports it (the CPU backend reports none).
 same batch, the same loss and optimizer) in float32 and/or under bf16 autocast; `--rounds N`
 alternates N rounds of `--steps` timed steps between our step and PyTorch's, so that a machine's
 drift hits both.
+
+`--memory` also runs nothing: it compiles the step on abstract inputs and prints XLA's memory
+analysis of the program (state and batch, activations, peak), e.g. with `--set model.remat='all'`
+against the default, for a shape this device cannot hold.
 
 `--flops` runs nothing and allocates no weights: it traces the same step on abstract inputs and
 prints XLA's count of floating-point operations and bytes accessed per step (the HLO before
@@ -204,7 +209,42 @@ def count_flops(config) -> dict:
     return dict(gflops=cost["flops"] / 1e9, gbytes=cost.get("bytes accessed", float("nan")) / 1e9)
 
 
-def flops_table(paths, overrides) -> None:
+def memory_use(config) -> dict:
+    """The compiled step's memory (GiB) from XLA's analysis of the program, on abstract inputs:
+    nothing runs and nothing is allocated, so it works for shapes this device cannot hold."""
+    model, optimizer, state = build(config, abstract=True)
+    batches = jax.eval_shape(lambda: random_batches(config, np.random.default_rng(0)))
+    step = jax.jit(make_train_step(config, model, optimizer), donate_argnums=0)
+    analysis = step.lower(state, *batches).compile().memory_analysis()
+    if analysis is None:
+        raise SystemExit(f"--memory: this backend ({jax.default_backend()}) gives no analysis")
+    gib = {
+        "arguments": analysis.argument_size_in_bytes / 2**30,
+        "outputs": analysis.output_size_in_bytes / 2**30,
+        "aliased": analysis.alias_size_in_bytes / 2**30,
+        "temp": analysis.temp_size_in_bytes / 2**30,
+    }
+    # Donated state is aliased to the new state: counted once.
+    gib["peak"] = gib["arguments"] + gib["outputs"] - gib["aliased"] + gib["temp"]
+    return gib
+
+
+def memory_table(paths, overrides) -> list:
+    rows = []
+    for path in paths:
+        r = memory_use(load_config(path, overrides))
+        rows.append((path, r))
+        print(f"{path}: {r['peak']:.2f} GiB", flush=True)
+    print(f"\nXLA memory analysis (jax {jax.__version__}, {jax.default_backend()}), ", end="")
+    print(f"overrides: {overrides or 'none'}\n")
+    print("| config | state + batch GiB | activations (temp) GiB | peak GiB |")
+    print("|---|---|---|---|")
+    for path, r in rows:
+        print(f"| {path} | {r['arguments']:.2f} | {r['temp']:.2f} | {r['peak']:.2f} |")
+    return rows
+
+
+def flops_table(paths, overrides) -> list:
     rows = []
     for path in paths:
         r = count_flops(load_config(path, overrides))
@@ -216,6 +256,7 @@ def flops_table(paths, overrides) -> None:
     print("|---|---|---|---|")
     for path, r in rows:
         print(f"| {path} | {r['gflops']:.1f} | {r['gflops'] / base:.3f}x | {r['gbytes']:.1f} |")
+    return rows
 
 
 def main(argv=None) -> None:
@@ -233,9 +274,18 @@ def main(argv=None) -> None:
         help="also time the PyTorch reference step: fp32, bf16 or fp32,bf16 (source_only)",
     )
     parser.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds")
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="print the compiled step's memory (XLA's analysis, nothing runs) instead of timing",
+    )
     args = parser.parse_args(argv)
     if args.flops:
-        flops_table(args.config, args.set)
+        write_json(args, "flops", flops_table(args.config, args.set))
+        return
+    if args.memory:
+        write_json(args, "memory", memory_table(args.config, args.set))
         return
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
     torch_rows = [] if args.torch is None else args.torch.split(",")
@@ -262,6 +312,25 @@ def main(argv=None) -> None:
             f"| {path} | {r['name']} | {r['compile_s']:.1f} | {r['ms']:.1f} | "
             f"{1000 / r['ms']:.2f} | {r['ms'] / base:.2f}x | {peak} |"
         )
+    write_json(args, "time", rows)
+
+
+def write_json(args, kind: str, rows: list) -> None:
+    """`--json`: {kind, device, jax, overrides, rows: [{config, ...measured values}]}."""
+    if not args.json:
+        return
+    import json
+
+    record = dict(
+        kind=kind,
+        device=f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+        jax=jax.__version__,
+        overrides=args.set,
+        rows=[dict(config=path, **values) for path, values in rows],
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(record, f, indent=1, allow_nan=True)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ def get_model_config() -> ml_collections.ConfigDict:
     model.layer_norm = "mmseg"
     # Compute dtype ('float32', 'bfloat16'); parameters are always float32.
     model.dtype = "float32"
+    # Activation recomputation in the backward pass (memory for compute): 'none'; 'blocks' (each
+    # encoder block keeps only its input); 'all' (the blocks and the decode head).
+    model.remat = "none"
     return model
 
 

@@ -27,6 +27,7 @@ from pgpc_jax.models.mit import MIT_VARIANTS, MiTConfig, MixVisionTransformer
 
 Dtype = Any
 HEADS = ("daformer", "segformer")
+REMAT = ("none", "blocks", "all")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -43,6 +44,8 @@ class Segmentor(nn.Module):
       dropout_rate: channel dropout before the classifier.
       auxiliary_heads: ((name, module), ...): extra heads on the encoder features, each called
         as `module(features, train)`; its output is the model output `name`.
+      remat: activation recomputation in the backward pass: 'none', 'blocks' (each encoder
+        block), 'all' (the blocks and the decode head). Same parameters, same values.
     """
 
     backbone: MiTConfig = MiTConfig()
@@ -54,12 +57,24 @@ class Segmentor(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     auxiliary_heads: tuple[tuple[str, nn.Module], ...] = ()
+    remat: str = "none"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = MixVisionTransformer(self.backbone, name="backbone", **kw)
+        if self.remat not in REMAT:
+            raise ValueError(f"model.remat={self.remat!r}: expected one of {REMAT}")
+        self.encoder = MixVisionTransformer(
+            self.backbone, name="backbone", remat_blocks=self.remat != "none", **kw
+        )
+        # Under 'all' the decode head is recomputed too; `train` and `dropout` (arguments 2 and
+        # 3, counting the module) are Python bools, static.
+        remat_head = (
+            (lambda cls: nn.remat(cls, static_argnums=(2, 3)))
+            if self.remat == "all"
+            else (lambda cls: cls)
+        )
         if self.head == "daformer":
-            self.decoder = DAFormerHead(
+            self.decoder = remat_head(DAFormerHead)(
                 self.num_classes,
                 embed_dim=self.head_embed_dim,
                 channels=self.head_channels,
@@ -68,7 +83,7 @@ class Segmentor(nn.Module):
                 **kw,
             )
         elif self.head == "segformer":
-            self.decoder = SegFormerHead(
+            self.decoder = remat_head(SegFormerHead)(
                 self.num_classes,
                 embed_dim=self.head_embed_dim,
                 dropout_rate=self.dropout_rate,
@@ -140,7 +155,7 @@ def build_segmentor(
     """Build a `Segmentor` from the `model` config group.
 
     Fields: backbone ('b0'..'b5', 'tiny'), head, num_classes, head_embed_dim, head_channels,
-    dropout_rate, drop_path_rate, layer_norm ('mmseg' or 'hf' eps convention), dtype.
+    dropout_rate, drop_path_rate, layer_norm ('mmseg' or 'hf' eps convention), dtype, remat.
     `auxiliary_heads` ({name: unbound module}) are a method's extra heads
     (`methods.<name>.auxiliary_heads(config)`); evaluation, prediction and export build the
     segmentor without them.
@@ -159,6 +174,10 @@ def build_segmentor(
         mit = dataclasses.replace(mit, block_eps=1e-5)
     elif model_cfg["layer_norm"] != "mmseg":
         raise ValueError(f"model.layer_norm={model_cfg['layer_norm']!r}: expected 'mmseg' or 'hf'")
+    # A run saved before the field existed recomputes nothing.
+    remat = model_cfg.get("remat", "none")
+    if remat not in REMAT:
+        raise ValueError(f"model.remat={remat!r}: expected one of {REMAT}")
     if model_cfg["dtype"] not in DTYPES:
         raise ValueError(f"model.dtype={model_cfg['dtype']!r}: expected one of {sorted(DTYPES)}")
     return Segmentor(
@@ -170,6 +189,7 @@ def build_segmentor(
         dropout_rate=model_cfg["dropout_rate"],
         dtype=DTYPES[model_cfg["dtype"]],
         auxiliary_heads=tuple(sorted(auxiliary_heads.items())),
+        remat=remat,
     )
 
 
