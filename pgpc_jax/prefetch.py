@@ -12,8 +12,8 @@ resumed run reads exactly the batches an uninterrupted one would (prefetching ne
 run's numbers).
 
 `pop_wait_s()` gives the time spent reading host batches since the last call: the training loop
-logs it per step as `train/data_wait_ms`. The device waits for data only when that time exceeds
-the step's own (`docs/performance.md`).
+logs it per step as `perf/data_wait_ms`. The device waits for data only when that time exceeds
+the step's own (`docs/results.md`, "CPU step time against PyTorch").
 """
 
 from __future__ import annotations

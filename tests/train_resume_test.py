@@ -237,6 +237,6 @@ def test_prefetching_changes_nothing_and_logs_the_input_wait(data_dir, straight_
     _assert_same_state(state_a, state_b)
     for run in (straight, workdir):
         _, _, rows = _logged_steps(run)
-        waits = [r["train/data_wait_ms"] for r in rows if "train/data_wait_ms" in r]
+        waits = [r["perf/data_wait_ms"] for r in rows if "perf/data_wait_ms" in r]
         # Logged from the second step on (the first also waits for the pipeline to start).
         assert len(waits) == 3 and all(w > 0 for w in waits)
