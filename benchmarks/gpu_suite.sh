@@ -9,7 +9,7 @@
 #    (`../shared/device/wheels.sh` downloads them on a machine with a network);
 # 2. source-only step, ours against the PyTorch reference (fp32 and bf16 autocast), interleaved;
 # 3. the step of every method config (source-only, DAFormer, PGPC, SePiCo, FDA) in fp32 and bf16;
-# 4. the compiled step's memory (XLA's analysis) with model.remat none / blocks / all;
+# 4. the compiled PGPC step's memory (XLA's analysis) with model.remat none / blocks / all;
 # 5. 200 steps of gta2cs (PGPC, bf16) on random data;
 # 6. the input pipeline at this host's full worker count (PNG frames at GTA's size).
 #
@@ -56,7 +56,9 @@ part() {  # part NAME SECONDS COMMAND...: run, log, remember a failure
   local name=$1 limit=$2
   shift 2
   echo "== $name" | tee -a "$OUT/gpu_suite.md"
+  local start=$SECONDS
   if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
+    echo "($((SECONDS - start)) s)" >> "$OUT/gpu_suite.md"
     grep -E '^(\||device|[0-9]+ round)' "$OUT/$name.log" >> "$OUT/gpu_suite.md"
   else
     echo "FAILED or timed out after ${limit}s: $*" | tee -a "$OUT/gpu_suite.md"
@@ -85,7 +87,7 @@ part methods_fp32 "$LIMIT" "$PY" $ST "${METHODS[@]}" --steps $STEPS --warmup 3 "
 part methods_bf16 "$LIMIT" "$PY" $ST "${METHODS[@]}" --steps $STEPS --warmup 3 "${SETS[@]}" \
   "${BF16[@]}" --json "$OUT/methods_bf16.json"
 for remat in "${REMATS[@]}"; do
-  part "memory_$remat" "$LIMIT" "$PY" $ST --memory --config $BASE "${SETS[@]}" "${BF16[@]}" \
+  part "memory_$remat" "$LIMIT" "$PY" $ST --memory --config $TRAIN "${SETS[@]}" "${BF16[@]}" \
     --set "model.remat='$remat'" --json "$OUT/memory_$remat.json"
 done
 part train_${LONG}_steps "$LIMIT" "$PY" $ST --config $TRAIN --steps $LONG --warmup 3 "${SETS[@]}" \
