@@ -69,6 +69,8 @@ def check_model(model: Any, prefix: str = "model", classes_from_data: bool = Fal
     _choice(model.head, f"{prefix}.head", segmentor.HEADS)
     _choice(model.dtype, f"{prefix}.dtype", segmentor.DTYPES)
     _choice(model.layer_norm, f"{prefix}.layer_norm", ("mmseg", "hf"))
+    # A model group saved before the field existed (a run's config, a weights file) has none.
+    _choice(model.get("remat", "none"), f"{prefix}.remat", segmentor.REMAT)
     for key in ("num_classes", "head_embed_dim", "head_channels"):
         if key == "num_classes" and classes_from_data and model[key] == 0:
             continue

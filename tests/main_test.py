@@ -61,6 +61,11 @@ BAD_CONFIGS = {
         "data.target.crop_size=(32, 500) (height, width) is larger than the target images",
     ),
     "unknown backbone": (_set(**{"model.backbone": "b9"}), "model.backbone='b9': expected one of"),
+    "unknown remat": (_set(**{"model.remat": "encoder"}), "model.remat='encoder': expected one of"),
+    "negative prefetch": (
+        _set(**{"data.prefetch": -1}),
+        "data.prefetch=-1: expected an int >= 0",
+    ),
     "unknown pgpc variant": (
         _set(**{"pgpc.variant": "pgcp"}),
         "pgpc.variant='pgcp': expected one of",
