@@ -229,12 +229,17 @@ def memory_use(config) -> dict:
     return gib
 
 
-def memory_table(paths, overrides) -> list:
+def _rows(paths, overrides, measure_one, summary) -> list:
+    """[(path, measure_one(config))] for each config, each printed as it is done."""
     rows = []
     for path in paths:
-        r = memory_use(load_config(path, overrides))
-        rows.append((path, r))
-        print(f"{path}: {r['peak']:.2f} GiB", flush=True)
+        rows.append((path, measure_one(load_config(path, overrides))))
+        print(f"{path}: {summary(rows[-1][1])}", flush=True)
+    return rows
+
+
+def memory_table(paths, overrides) -> list:
+    rows = _rows(paths, overrides, memory_use, lambda r: f"{r['peak']:.2f} GiB")
     print(f"\nXLA memory analysis (jax {jax.__version__}, {jax.default_backend()}), ", end="")
     print(f"overrides: {overrides or 'none'}\n")
     print("| config | state + batch GiB | activations (temp) GiB | peak GiB |")
@@ -245,11 +250,7 @@ def memory_table(paths, overrides) -> list:
 
 
 def flops_table(paths, overrides) -> list:
-    rows = []
-    for path in paths:
-        r = count_flops(load_config(path, overrides))
-        rows.append((path, r))
-        print(f"{path}: {r['gflops']:.1f} GFLOP/step", flush=True)
+    rows = _rows(paths, overrides, count_flops, lambda r: f"{r['gflops']:.1f} GFLOP/step")
     base = rows[0][1]["gflops"]
     print(f"\nXLA cost analysis (jax {jax.__version__}), overrides: {overrides or 'none'}\n")
     print("| config | GFLOP/step | vs first | GB accessed/step |")

@@ -432,10 +432,9 @@ def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckp
         if in_flight is not None:
             jax.block_until_ready(in_flight)
         in_flight = device_metrics
-        wait_s += src_iter.pop_wait_s() + tgt_iter.pop_wait_s()
-        waited_steps += 1
-        if step == start:
-            wait_s, waited_steps = 0.0, 0
+        wait = src_iter.pop_wait_s() + tgt_iter.pop_wait_s()
+        if step > start:  # the first step's wait includes the pipeline's start: not counted
+            wait_s, waited_steps = wait_s + wait, waited_steps + 1
         step += 1
         last = step == total
         log_now = step % config.log_every_steps == 0 or last
@@ -452,9 +451,8 @@ def _train_loop(config, model, optimizer, state, start, datasets, iterators, ckp
             if message:
                 raise metrics_logging.NonFiniteLossError(message)
         if log_now:
-            # Host time reading and transferring input per step (the first step's excluded:
-            # it also waits for the pipeline to start). A timing, not a function of the run:
-            # `perf/`, so that every `train/` metric stays reproducible bit for bit.
+            # Host time reading and transferring input per step. A timing, not a function of
+            # the run: `perf/`, so that every `train/` metric stays reproducible bit for bit.
             if waited_steps:
                 host["perf/data_wait_ms"] = 1000 * wait_s / waited_steps
             wait_s, waited_steps = 0.0, 0

@@ -71,7 +71,8 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool = Fal
 
     Implemented as two small matrix products, which is exact, differentiable and maps onto
     matrix units on accelerators (batched over the NHWC layout where the broadcast matrices are
-    small, so that XLA:CPU transposes no feature map forward or backward). Returns `x` unchanged when the size already matches.
+    small, so that XLA:CPU transposes no feature map forward or backward). Returns `x` unchanged
+    when the size already matches.
     """
     out_h, out_w = int(size[0]), int(size[1])
     in_h, in_w = x.shape[1], x.shape[2]
@@ -311,32 +312,26 @@ class ConvModule(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        pad = self.dilation * (self.kernel_size // 2)
-        depthwise = self.groups > 1 and self.groups == self.features == x.shape[-1]
-        if self.kernel_size == 1 and self.groups == 1:
-            x = PointwiseConv(
-                self.features,
-                use_bias=False,
-                kernel_init=kaiming_fan_out,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="conv",
-            )(x)
-            x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
-            return nn.relu(x)
-        conv = DepthwiseConv if depthwise else nn.Conv
-        x = conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            padding=((pad, pad), (pad, pad)),
-            kernel_dilation=self.dilation,
-            feature_group_count=self.groups,
+        kw = dict(
             use_bias=False,
             kernel_init=kaiming_fan_out,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv",
-        )(x)
+        )
+        if self.kernel_size == 1 and self.groups == 1:
+            x = PointwiseConv(self.features, **kw)(x)
+        else:
+            pad = self.dilation * (self.kernel_size // 2)
+            depthwise = self.groups > 1 and self.groups == self.features == x.shape[-1]
+            x = (DepthwiseConv if depthwise else nn.Conv)(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                padding=((pad, pad), (pad, pad)),
+                kernel_dilation=self.dilation,
+                feature_group_count=self.groups,
+                **kw,
+            )(x)
         x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
         return nn.relu(x)
 
